@@ -1,0 +1,408 @@
+"""
+Train a GPT. Runs on one CPU or GPU, or on many with distributed data parallel (DDP).
+
+One process:
+$ python train.py config/train_shakespeare_char_cpu.py --max_iters=500
+
+DDP on 4 GPUs of one node:
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
+
+DDP on 2 nodes of 8 GPUs each (master at 123.456.123.456):
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+(without Infiniband, prepend NCCL_IB_DISABLE=1)
+"""
+import math
+import os
+import pickle
+import shutil
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure, fail
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# default settings: GPT-2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # evaluate once, then exit
+eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
+always_save_checkpoint = True  # False: save only when val loss improves
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory
+# wandb logging
+wandb_log = False
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, split across DDP ranks
+batch_size = 12  # micro-batch size
+block_size = 1024
+seed = 1337
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
+bias = False  # bias inside LayerNorm and Linear layers?
+# architecture switches beyond GPT-2 (see model.py's GPTConfig and the README)
+n_kv_head = 0  # 0: as many key/value heads as query heads
+use_rope = False
+rope_theta = 10000.0
+use_alibi = False
+norm = 'layernorm'
+qk_norm = False
+mlp = 'gelu'
+logit_softcap = 0.0
+tie_embeddings = True
+# optimizer
+optimizer = 'adamw'  # 'adamw' | 'muon'
+learning_rate = 6e-4  # max learning rate (AdamW's; with muon, the embeddings' and head's)
+muon_lr = 0.02  # max learning rate of the Muon group (the matrices inside the blocks)
+muon_momentum = 0.95
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+# learning rate schedule: linear warmup, cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~= max_iters per Chinchilla
+min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
+# DDP
+backend = 'auto'  # 'nccl' | 'gloo' | 'auto' (nccl on CUDA, gloo on CPU)
+# system
+device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'
+compile = True  # torch.compile the model (PyTorch 2)
+peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
+# -----------------------------------------------------------------------------
+configure(globals())
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# -----------------------------------------------------------------------------
+
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
+if optimizer not in ('adamw', 'muon'):
+    fail(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun run?
+if ddp:
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    if backend == 'auto':
+        backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    init_process_group(backend=backend)
+    master_process = ddp_rank == 0  # this process logs and writes checkpoints
+    seed_offset = ddp_rank  # each process draws different batches and dropout masks
+    # the global batch stays the same whatever the number of processes
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
+             f"number of processes ({ddp_world_size})")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, master_process, seed_offset, ddp_world_size = 0, True, 0, 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed + seed_offset)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+if device_type == 'cpu' and dtype == 'float16':
+    ptdtype, dtype = torch.float32, 'float32'  # float16 autocast is a GPU thing; float32 on CPU
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: token files written by data/<dataset>/prepare.py, read through np.memmap
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta = {}
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+data_dtype = np.dtype(meta.get('dtype', 'uint16'))
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
+    n_tokens = os.path.getsize(path) // data_dtype.itemsize
+    if n_tokens <= block_size:
+        fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
+
+
+def get_batch(split, generator):
+    # recreate the memmap every batch: a long-lived one keeps growing in memory
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    x, y = torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
+    if device_type == 'cuda':
+        # pin x,y so they move to the GPU asynchronously (non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def batch_generator(*parts):
+    """Batches are a pure function of (seed, rank, iteration, micro-step): a resumed run draws
+    exactly the batches the uninterrupted run would, with no sampler state to save."""
+    g = torch.Generator()
+    g.manual_seed(stable_seed('batch', *parts))
+    return g
+
+
+def stable_seed(*parts):
+    # Python's hash() of a str changes with every process; crc32 does not
+    return zlib.crc32(repr((seed, seed_offset) + parts).encode())
+
+
+# vocabulary size: from the dataset's meta.pkl if it has one
+meta_vocab_size = None
+if meta.get('tokenizer') == 'gpt2':
+    meta_vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
+elif 'vocab_size' in meta:
+    meta_vocab_size = meta['vocab_size']
+    if master_process:
+        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+
+# model init
+iter_num = 0
+best_val_loss = 1e9
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
+                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
+                  tie_embeddings=tie_embeddings)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'scratch':
+    if master_process:
+        print("Initializing a new model from scratch")
+    if meta_vocab_size is None and master_process:
+        print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+    model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except AssertionError as e:
+        fail(f"invalid model settings: {e}")
+elif init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
+    if master_process:
+        print(f"Resuming training from {out_dir}")
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    # the architecture comes from the checkpoint; the rest of the settings from this run
+    model_args = dict(checkpoint['model_args'])
+    model_args['gelu_approximate'] = checkpoint.get('gelu_approximate', 'none')
+    model = GPT(GPTConfig(**model_args))
+    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    model.load_state_dict(state_dict)
+    iter_num = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    if master_process:
+        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    # the architecture is GPT-2's, whatever the settings above say
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+else:
+    fail(f"init_from must be 'scratch', 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
+elif block_size > model.config.block_size:
+    fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
+model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+model.to(device)
+
+# GradScaler: only float16 needs loss scaling; otherwise it does nothing
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                       optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
+for group in optimizer.param_groups:
+    group.setdefault('initial_lr', group['lr'])  # the schedule scales each group's own peak rate
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free up memory
+
+raw_model = model
+if compile:
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+# copy the tokenizer next to the checkpoint, so out_dir alone is enough to sample
+if master_process and os.path.exists(meta_path):
+    shutil.copyfile(meta_path, os.path.join(out_dir, 'meta.pkl'))
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, batch_generator('eval', split, k))
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean()
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def full_val_loss():
+    """Loss over the whole val split, cut into consecutive non-overlapping windows."""
+    data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
+    n_windows = (len(data) - 1) // block_size
+    total, count = 0.0, 0
+    raw_model.eval()
+    for start in range(0, n_windows, batch_size):
+        ix = np.arange(start, min(start + batch_size, n_windows)) * block_size
+        window = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
+        with ctx:
+            _, loss = raw_model(window[:, :-1], window[:, 1:])
+        total += loss.item() * window.size(0)
+        count += window.size(0)
+    raw_model.train()
+    return total / count
+
+
+def get_lr(it):
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) past lr_decay_iters, min learning rate
+    if it > lr_decay_iters:
+        return min_lr
+    # 3) in between, cosine decay down to min learning rate
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # runs 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        # nanoGPT's keys; architecture switches are recorded only when they differ from GPT-2,
+        # so a plain GPT-2-style checkpoint loads in nanoGPT's own sample.py too
+        'model_args': {k: v for k, v in model_args.items()
+                       if k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+                       or (k != 'gelu_approximate' and v != GPTConfig.__dataclass_fields__[k].default
+                           and not (k == 'n_kv_head' and v == model_args['n_head']))},
+        'gelu_approximate': model_args['gelu_approximate'],
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'scaler': scaler.state_dict(),
+    }
+    # crash-safe: write a temporary file, flush it to disk, then atomically rename it over
+    # ckpt.pt. A kill at any moment leaves either the old or the new checkpoint, whole.
+    tmp_path = os.path.join(out_dir, f'ckpt.pt.{os.getpid()}.tmp')
+    with open(tmp_path, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, ckpt_path)
+
+
+# logging
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# training loop
+t0 = time.time()
+local_iter_num = 0  # iterations in this process's lifetime
+running_mfu = -1.0
+while True:
+    # dropout masks come from the global RNG: re-seed it from the iteration number at every
+    # evaluation (where checkpoints are written) so a resumed run continues exactly
+    if iter_num % eval_interval == 0:
+        torch.manual_seed(stable_seed('dropout', iter_num))
+
+    # set the learning rate of every group for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = group['initial_lr'] * lr / learning_rate
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0 and master_process:
+        losses = estimate_loss()
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if wandb_log:
+            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
+                       "lr": lr, "mfu": running_mfu * 100})
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, float(losses['val']))
+            if iter_num > 0:
+                print(f"saving checkpoint to {out_dir}")
+                save_checkpoint()
+    if iter_num == 0 and eval_only:
+        break
+
+    # forward backward update, with gradient accumulation to simulate a larger batch
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch('train', batch_generator('train', iter_num, micro_step))
+        if ddp:
+            # all-reduce the gradients only on the last micro-step
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        with ctx:
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
+        lossf = loss.item() * gradient_accumulation_steps
+        if local_iter_num >= 5:  # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+    iter_num += 1
+    local_iter_num += 1
+
+    # termination conditions
+    if iter_num > max_iters:
+        break
+
+if eval_full_val and master_process:
+    print(f"full val loss {full_val_loss():.4f}")
+if ddp:
+    destroy_process_group()
