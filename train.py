@@ -111,7 +111,7 @@ if ddp:
         backend = 'nccl' if device.startswith('cuda') else 'gloo'
     init_process_group(backend=backend)
     master_process = ddp_rank == 0  # this process logs and writes checkpoints
-    seed_offset = ddp_rank  # each process draws different batches and dropout masks
+    seed_offset = ddp_rank  # each process draws its own dropout masks
     # the global batch stays the same whatever the number of processes
     if gradient_accumulation_steps % ddp_world_size != 0:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
@@ -162,7 +162,7 @@ def get_batch(split, generator):
 
 
 def batch_generator(*parts):
-    """Batches are a pure function of (seed, rank, iteration, micro-step): a resumed run draws
+    """Batches are a pure function of (seed, split, iteration, micro-step): a resumed run draws
     exactly the batches the uninterrupted run would, with no sampler state to save."""
     g = torch.Generator()
     g.manual_seed(stable_seed('batch', *parts))
@@ -171,7 +171,7 @@ def batch_generator(*parts):
 
 def stable_seed(*parts):
     # Python's hash() of a str changes with every process; crc32 does not
-    return zlib.crc32(repr((seed, seed_offset) + parts).encode())
+    return zlib.crc32(repr((seed,) + parts).encode())
 
 
 # vocabulary size: from the dataset's meta.pkl if it has one
@@ -344,7 +344,7 @@ while True:
     # dropout masks come from the global RNG: re-seed it from the iteration number at every
     # evaluation (where checkpoints are written) so a resumed run continues exactly
     if iter_num % eval_interval == 0:
-        torch.manual_seed(stable_seed('dropout', iter_num))
+        torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
 
     # set the learning rate of every group for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -368,7 +368,8 @@ while True:
 
     # forward backward update, with gradient accumulation to simulate a larger batch
     for micro_step in range(gradient_accumulation_steps):
-        X, Y = get_batch('train', batch_generator('train', iter_num, micro_step))
+        # number micro-batches across all ranks: N processes draw the same global batch as one
+        X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
         if ddp:
             # all-reduce the gradients only on the last micro-step
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
