@@ -30,8 +30,8 @@ def closest(key, known):
 def parse_value(text):
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word like --device=cpu
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text  # a bare word like --device=cpu (or anything else that is not a literal)
 
 
 def type_ok(default, value):
