@@ -134,12 +134,12 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_checkpoint(workdir):
     # a model whose checkpoint takes a while to write, saved every iteration, killed at
     # moments spread over the writes: ckpt.pt must always load
     out = workdir / 'out-kill'
-    args = [sys.executable, str(REPO / 'train.py'), *TINY, '--n_layer=4', '--n_embd=256', '--n_head=4',
+    args = [sys.executable, str(REPO / 'train.py'), *TINY, '--n_layer=4', '--n_embd=192', '--n_head=4',
             f'--out_dir={out}', '--eval_interval=1', '--eval_iters=1', '--max_iters=100000',
             '--always_save_checkpoint=True']
     env = dict(os.environ, PYTHONPATH=str(REPO))
     kills = 0
-    for delay in (0.0, 0.013, 0.029, 0.047, 0.071):
+    for delay in (0.0, 0.017, 0.041):
         proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:  # wait for the first checkpoint, then kill a little later
             if line.startswith('saving checkpoint'):
@@ -155,7 +155,7 @@ def test_sigkill_during_checkpointing_leaves_a_loadable_checkpoint(workdir):
         assert ckpt['iter_num'] >= 1
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
-    assert kills == 5
+    assert kills == 3
 
 
 def test_torchrun_ddp_gloo_matches_single_process(workdir):
