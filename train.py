@@ -97,6 +97,8 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail("CUDA is not available on this machine: use --device=cpu")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun run?
@@ -219,9 +221,7 @@ elif init_from == 'resume':
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-    model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-    # the architecture is GPT-2's, whatever the settings above say
-    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    model = GPT.from_pretrained(init_from, dict(dropout=dropout))  # GPT-2's architecture, whatever the settings say
 else:
     fail(f"init_from must be 'scratch', 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
 if block_size < model.config.block_size:
