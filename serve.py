@@ -146,7 +146,7 @@ class Sequence:
             self.counts = token_counts([self.history], vocab_size, device)
         self.generator = None  # None: the global RNG
         if o['seed'] is not None:
-            # a generator per choice: its tokens do not depend on who else is in the batch
+            # a generator per choice: its random draws do not depend on who else is in the batch
             self.generator = torch.Generator(device=device).manual_seed(o['seed'] + choice)
 
 
@@ -202,6 +202,8 @@ class Engine:
         """Switch to another model; running requests are cut with an error."""
         done = threading.Event()
         with self.cond:
+            if self.closing:
+                raise APIError("the server is shutting down", status=503, kind='server_error', code='shutting_down')
             self.pending_load = (loaded, done)
             self.cond.notify()
         done.wait()
@@ -216,6 +218,8 @@ class Engine:
             self.closing = True
             self.cond.notify()
         self.worker.join()
+        if self.pending_load:
+            self.pending_load[1].set()  # a load that came too late: let its HTTP thread finish
         error = APIError("the server is shutting down", status=503, kind='server_error', code='shutting_down')
         for request in {seq.request for seq in self.active} | {r for r, _ in self.waiting}:
             request.events.put(('error', error))
@@ -476,7 +480,8 @@ def flag(body, name):
 
 def sampling_options(body, default_max_tokens):
     """The sampling fields shared by completions and chat, checked."""
-    max_tokens = body.get('max_tokens') if body.get('max_tokens') is not None else body.get('max_completion_tokens')
+    if body.get('max_tokens') is None and body.get('max_completion_tokens') is not None:
+        body = dict(body, max_tokens=body['max_completion_tokens'])  # the chat API's newer name for it
     stop = body.get('stop')
     if stop is None:
         stop = []
@@ -490,7 +495,7 @@ def sampling_options(body, default_max_tokens):
     if stream_options is not None and not isinstance(stream_options, dict):
         raise APIError("'stream_options' must be an object", 'stream_options')
     return dict(
-        max_tokens=number({'max_tokens': max_tokens}, 'max_tokens', int, min(default_max_tokens, max_tokens_limit),
+        max_tokens=number(body, 'max_tokens', int, min(default_max_tokens, max_tokens_limit),
                           lambda v: 1 <= v <= max_tokens_limit, f"between 1 and {max_tokens_limit}"),
         temperature=number(body, 'temperature', float, 1.0, lambda v: 0 <= v <= 100, "between 0 and 100"),
         top_p=number(body, 'top_p', float, 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -569,7 +574,7 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_method('HEAD')
 
     def log_message(self, format, *args):
-        if not self.path.startswith('/api/train/log'):  # the page polls it every second
+        if not getattr(self, 'path', '').startswith('/api/train/log'):  # the page polls it every second
             super().log_message(format, *args)
 
     def send_error(self, code, message=None, explain=None):
@@ -591,8 +596,8 @@ class Handler(BaseHTTPRequestHandler):
                 headers = [('Allow', e.allow)] if hasattr(e, 'allow') else []
                 self.send_json(e.status, e.body(), headers)
                 self.drain(self.unread)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away, or stopped reading
         except Exception:
             traceback.print_exc()
             if not self.headers_sent:
@@ -646,7 +651,11 @@ class Handler(BaseHTTPRequestHandler):
             self.unread = length  # handle_method drops it after answering
             raise APIError(f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
                            code='request_too_large')
-        return self.rfile.read(length)
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise APIError(f"the body did not arrive within {self.timeout} seconds", status=408, code='timeout')
 
     def drain(self, length):
         """Read and drop an unwanted body for a little while, so that the client, still sending

@@ -97,7 +97,7 @@ def test_generate_streams_into_the_page(browser, url, tmp_path):
     browser.save_screenshot(str(tmp_path / 'generate.png'))
 
 
-def test_chat_tab(browser, url):
+def test_chat_tab(browser, url, tmp_path):
     browser.get(url)
     by_id(browser, 'tab-chat').click()
     set_value(browser, 'chat-max-tokens', 30)
@@ -107,6 +107,7 @@ def test_chat_tab(browser, url):
     messages = browser.find_elements(By.CSS_SELECTOR, '#chat-log .msg')
     assert [m.get_attribute('class') for m in messages] == ['msg user', 'msg assistant']
     assert 'the fox?' in messages[0].text
+    browser.save_screenshot(str(tmp_path / 'chat.png'))
 
 
 def test_train_tab_draws_the_loss_chart(browser, url, tiny, tmp_path):

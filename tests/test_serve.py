@@ -25,18 +25,19 @@ from model import GPT, GPTConfig
 openai = pytest.importorskip('openai')
 
 # every character a test prompt uses, and the chat template's
-TEXT = "System: User: Assistant: the quick brown fox jumps over the lazy dog.\nTHE QUICK BROWN FOX JUMPS OVER THE LAZY DOG!?,;'-\n"
+TEXT = ("System: User: Assistant: the quick brown fox jumps over the lazy dog.\n"
+        "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG!?,;'-\n")
 CHARS = sorted(set(TEXT))
 MAX_TOKENS_LIMIT = 4000
 MAX_BATCH = 4
 MAX_BODY = 20_000
 
 
-def write_checkpoint(out_dir, iter_num=3, seed=0, block_size=64):
+def write_checkpoint(out_dir, iter_num=3, seed=0, block_size=64, **switches):
     """A random-weights checkpoint in train.py's format, with a char-level meta.pkl next to it."""
     os.makedirs(out_dir, exist_ok=True)
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, bias=False, vocab_size=len(CHARS),
-                      dropout=0.0)
+                      dropout=0.0, **switches)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
     torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': iter_num,
@@ -354,6 +355,17 @@ def test_model_info_and_load(server, tmp_path):
     assert len(client(server).completions.create(model='x', prompt='the', max_tokens=7).choices[0].text) == 7
     # and back, for the other tests
     assert raw(server, 'POST', '/api/model/load', {'out_dir': str(info['out_dir'])})[0] == 200
+
+
+def test_generation_past_the_block_size(server, tmp_path):
+    # learned positions slide their window (make_room); rotary and ALiBi models run on past block_size
+    original = raw(server, 'GET', '/api/model')[1]['out_dir']
+    for name, switches in [('out-learned', {}), ('out-rope', {'use_rope': True}), ('out-alibi', {'use_alibi': True})]:
+        out_dir = write_checkpoint(tmp_path / name, block_size=16, **switches)
+        assert raw(server, 'POST', '/api/model/load', {'out_dir': out_dir})[0] == 200
+        r = client(server).completions.create(model='x', prompt='the quick brown fox jumps', max_tokens=80, n=2)
+        assert [len(ch.text) for ch in r.choices] == [80, 80], name
+    assert raw(server, 'POST', '/api/model/load', {'out_dir': original})[0] == 200
 
 
 def test_train_api(server, tmp_path):
