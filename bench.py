@@ -1,0 +1,337 @@
+"""
+Benchmarks, in two modes.
+
+train (nanoGPT's bench.py): time the forward, backward and update of a training iteration on
+real data (data/<dataset>/train.bin) or random tokens; prints ms/iter, tokens/s and MFU. With
+profile=True it writes a torch.profiler trace into profile_dir instead, which TensorBoard opens
+(pip install tensorboard torch-tb-profiler; tensorboard --logdir=bench_log).
+
+$ python bench.py                                   # GPT-2 124M on a GPU
+$ python bench.py --device=cpu --real_data=False --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4
+$ python bench.py --profile=True
+
+sample: prefill and decode tokens/s of our KV-cache decode loop (model.generate_tokens, what
+sample.py and serve.py run), side by side with nanoGPT's uncached loop (written out below as the
+reference) and, with compare_hf=True, transformers' GPT2LMHeadModel.generate on the same weights.
+
+$ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
+$ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
+"""
+import os
+import pickle
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from configurator import configure, fail
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+mode = 'train'  # 'train' | 'sample'
+# the model: GPT-2 124M shapes (sample mode ignores them when it loads a checkpoint)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+bias = True
+vocab_size = 0  # 0: 50304 to train (GPT-2's 50257 padded to a multiple of 64), 50257 to sample (transformers' GPT-2)
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+# train mode
+batch_size = 12
+real_data = True  # batches from data/<dataset>/train.bin; False: random tokens (no data needed)
+dataset = 'openwebtext'
+compile = torch.cuda.is_available()  # torch.compile the model; on a CPU it costs more than it saves
+warmup_iters = 10  # untimed iterations first (compilation, allocator, kernel selection)
+max_iters = 20  # timed iterations
+peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
+profile = False  # write a torch.profiler trace instead of timing
+profile_dir = './bench_log'
+profile_wait = 5  # the profiler's schedule: iterations skipped, then traced but thrown away, then kept
+profile_warmup = 5
+profile_active = 5
+# sample mode
+init_from = 'scratch'  # 'scratch' (random weights), 'resume' (out_dir/ckpt.pt), a gpt2 name or a local transformers directory
+out_dir = 'out'
+batch_sizes = [1, 8]
+prompt_tokens = 16
+max_new_tokens = 128
+temperature = 1.0
+top_k = 200  # 0 = no limit
+compare_hf = False  # also time transformers' GPT2LMHeadModel.generate (KV cache on) with the same weights
+compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
+repeats = 1  # timed runs per implementation and batch size; the fastest counts (the machine may be shared)
+# -----------------------------------------------------------------------------
+configure(globals())
+# -----------------------------------------------------------------------------
+
+if mode not in ('train', 'sample'):
+    fail(f"mode must be 'train' or 'sample', not '{mode}'")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
+torch.manual_seed(seed)
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def now():
+    """A timestamp after the GPU has finished what was queued (CUDA runs asynchronously)."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# =============================================================================
+# train mode
+# =============================================================================
+
+def bench_train():
+    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    if real_data:
+        data_dir = os.path.join('data', dataset)
+        path = os.path.join(data_dir, 'train.bin')
+        if not os.path.exists(path):
+            fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' or pass --real_data=False")
+        meta = {}
+        if os.path.exists(os.path.join(data_dir, 'meta.pkl')):
+            with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
+                meta = pickle.load(f)
+        data = np.memmap(path, dtype=np.dtype(meta.get('dtype', 'uint16')), mode='r')
+        if len(data) <= block_size:
+            fail(f"{path} has {len(data)} tokens, too few for one block of {block_size}+1")
+
+        def get_batch():
+            ix = torch.randint(len(data) - block_size, (batch_size,)).numpy()
+            window = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
+            return window[:, :-1].to(device), window[:, 1:].to(device)
+    else:
+        x = torch.randint(vocab_size or 50304, (batch_size, block_size), device=device)
+        y = torch.randint(vocab_size or 50304, (batch_size, block_size), device=device)
+
+        def get_batch():
+            return x, y
+
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                       vocab_size=vocab_size or 50304, dropout=0.0)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                           device_type=device_type)
+    raw_model = model
+    if compile:
+        print("Compiling model...")
+        model = torch.compile(model)
+
+    def train_step(X, Y):
+        with ctx:
+            _, loss = model(X, Y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # waits for the GPU: every timed iteration has finished
+
+    if profile:
+        # the schedule leaves out the first (slow) iterations; the kept ones go to profile_dir
+        # as a Chrome trace that TensorBoard's profiler plugin (or chrome://tracing) opens
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device_type == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        num_steps = profile_wait + profile_warmup + profile_active
+        with torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=profile_wait, warmup=profile_warmup, active=profile_active, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(profile_dir),
+            record_shapes=False,
+            profile_memory=False,
+            with_stack=False,  # True adds Python stacks to the trace, but makes it much larger
+        ) as prof:
+            for k in range(num_steps):
+                lossf = train_step(*get_batch())
+                print(f"{k}/{num_steps} loss: {lossf:.4f}")
+                prof.step()  # tells the profiler's schedule that one iteration ended
+        print(f"trace written to {profile_dir}: tensorboard --logdir={profile_dir}")
+        return
+
+    for stage, num_steps in enumerate([warmup_iters, max_iters]):  # warm up, then time
+        t0 = now()
+        for k in range(num_steps):
+            lossf = train_step(*get_batch())
+            print(f"{k}/{num_steps} loss: {lossf:.4f}")
+        dt = now() - t0
+        if stage == 1 and num_steps > 0:
+            per_iter = dt / num_steps
+            mfu = raw_model.estimate_mfu(batch_size, per_iter, peak_flops)
+            print(f"time per iteration: {per_iter * 1000:.4f}ms, {batch_size * block_size / per_iter:,.0f} tok/s, "
+                  f"MFU: {mfu * 100:.2f}%")
+
+
+# =============================================================================
+# sample mode
+# =============================================================================
+
+@torch.inference_mode()
+def uncached_generate(model, idx, max_new_tokens, temperature, top_k, generator):
+    """THE REFERENCE, not used for sampling anywhere else: nanoGPT's original generate loop,
+    without a KV cache. Every new token runs the full forward over the sequence so far (cropped
+    to block_size), so a step costs O(length) matmul rows instead of one. Yields (B,) tokens."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
+        logits, _ = model(idx_cond)
+        logits = logits[:, -1, :] / temperature
+        if top_k:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float('Inf')
+        probs = F.softmax(logits, dim=-1)
+        idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next[:, 0]
+
+
+def hf_twin(model):
+    """transformers' GPT2LMHeadModel with exactly our model's weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = model.config
+    if init_from.startswith('gpt2') or os.path.isdir(init_from):
+        hf = GPT2LMHeadModel.from_pretrained(init_from)  # both models load the same files
+    else:
+        gpt2_like = (cfg.learned_positions and cfg.norm == 'layernorm' and cfg.mlp == 'gelu' and cfg.tie_embeddings
+                     and cfg.n_kv_head == cfg.n_head and not cfg.qk_norm and cfg.logit_softcap == 0)
+        if not gpt2_like:
+            fail("compare_hf needs a GPT-2 architecture (learned positions, LayerNorm, GELU, tied head, "
+                 "plain multi-head attention, no QK-norm or soft-capping)")
+        hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                               n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=1e-5,
+                               activation_function={'tanh': 'gelu_new', 'none': 'gelu'}[cfg.gelu_approximate],
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                               bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
+        hf = GPT2LMHeadModel(hf_config)
+        ours = model.state_dict()
+        # transformers keeps these four as Conv1D weights, (in, out): the transpose of Linear's (out, in)
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, p in hf.state_dict().items():
+                if k in ours:
+                    p.copy_(ours[k].t() if k.endswith(transposed) else ours[k])
+                else:
+                    assert k.endswith('bias'), f"no weight for {k}"
+                    p.zero_()  # a bias=False model: a zero bias is the same function
+    hf.generation_config.pad_token_id = hf.config.eos_token_id  # else it warns on every call
+    hf = hf.eval().to(device=device, dtype=ptdtype)
+    # a timing of the same function only if it is the same function: compare the logits once
+    with torch.inference_mode():
+        idx = torch.randint(cfg.vocab_size, (2, 8), device=device)
+        ours, theirs = model(idx)[0][:, -1].float(), hf(idx).logits[:, -1].float()
+        err = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    if err > (1e-4 if ptdtype == torch.float32 else 5e-2):
+        fail(f"transformers' twin disagrees with our model: relative logit difference {err:.1e}")
+    print(f"transformers' twin: same logits as ours (relative difference {err:.1e})")
+    return hf
+
+
+def run_ours(model, prompts, n_new, generator):
+    """Times of: the call, and each new token's arrival, for our KV-cache loop."""
+    t0 = now()
+    times = []
+    for _ in model.generate_tokens(prompts.tolist(), n_new, temperature=temperature, top_k=top_k or None,
+                                   generator=generator):
+        times.append(now())
+    return t0, times
+
+
+def run_uncached(model, prompts, n_new, generator):
+    t0 = now()
+    times = []
+    for _ in uncached_generate(model, prompts, n_new, temperature, top_k, generator):
+        times.append(now())
+    return t0, times
+
+
+def run_hf(hf, prompts, n_new, generator):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        # generate() hands a streamer the prompt first, then each step's new tokens
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(now())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    torch.manual_seed(generator.initial_seed())  # transformers samples from the global generator
+    t0 = now()
+    hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature,
+                top_k=top_k, top_p=1.0, max_new_tokens=n_new, min_new_tokens=n_new, streamer=clock)
+    return t0, clock.times[1:]
+
+
+def bench_sample():
+    if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
+        fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    if init_from == 'scratch':
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                           vocab_size=vocab_size or 50257, gelu_approximate='tanh', dropout=0.0)
+        model = GPT(config).eval().to(device=device, dtype=ptdtype)
+    else:
+        from sample import load_model
+        try:
+            model, _ = load_model(init_from, out_dir, device, dtype)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            fail(str(e))
+    cfg = model.config
+    impls = [('ours (KV cache)', run_ours, model)]
+    if compare_hf:
+        if prompt_tokens + max_new_tokens > cfg.block_size:
+            fail(f"compare_hf: prompt_tokens + max_new_tokens must fit in block_size ({cfg.block_size}); "
+                 f"transformers' GPT-2 cannot go past it")
+        hf = hf_twin(model)
+        impls.append((f"transformers ({hf.config._attn_implementation})", run_hf, hf))
+    if compare_uncached:
+        impls.append(('uncached (reference)', run_uncached, model))
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
+          f"{model.get_num_params() / 1e6:.1f}M parameters; {device} {dtype}, {torch.get_num_threads()} threads")
+    print(f"prompt {prompt_tokens} tokens, {max_new_tokens} new tokens, temperature {temperature}, top_k {top_k}")
+
+    # the same random prompts for every implementation: row i of batch B is row i of the largest batch
+    g = torch.Generator().manual_seed(seed)
+    all_prompts = torch.randint(cfg.vocab_size, (max(batch_sizes), prompt_tokens), generator=g).to(device)
+    rows = []
+    with torch.inference_mode():
+        for B in batch_sizes:
+            prompts = all_prompts[:B]
+            for name, run, m in impls:
+                run(m, prompts, 4, torch.Generator(device=device).manual_seed(seed))  # warm-up
+                best = None
+                for _ in range(repeats):
+                    t0, times = run(m, prompts, max_new_tokens, torch.Generator(device=device).manual_seed(seed))
+                    assert len(times) == max_new_tokens
+                    # prefill: the prompt pass and the first token; decode: the max_new_tokens-1 steps after it
+                    prefill, decode = times[0] - t0, times[-1] - times[0]
+                    if best is None or decode < best[1]:
+                        best = (prefill, decode)
+                prefill_tps = B * prompt_tokens / best[0]
+                decode_tps = B * (max_new_tokens - 1) / best[1]
+                rows.append((name, B, prefill_tps, decode_tps))
+                print(f"  {name}, batch {B}: prefill {prefill_tps:,.1f} tok/s, decode {decode_tps:,.1f} tok/s", flush=True)
+
+    print()
+    print(f"{'impl':<28} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ours/this':>10}")
+    ours = {B: d for name, B, _, d in rows if name == impls[0][0]}
+    for name, B, p, d in rows:
+        print(f"{name:<28} {B:>5} {p:>14,.1f} {d:>13,.1f} {ours[B] / d:>9.2f}x")
+    print("ours/this: our decode tok/s over this row's (above 1: ours is faster); decode tok/s = batch * "
+          "(new tokens - 1) / time from the first new token to the last")
+
+
+if mode == 'train':
+    bench_train()
+else:
+    bench_sample()
