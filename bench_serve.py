@@ -43,6 +43,9 @@ dtype = 'float32'
 threads = 0  # CPU threads for serve.py's torch (OMP_NUM_THREADS); 0 = torch's default (all cores)
 timeout = 600  # seconds: the whole benchmark gives up after this long
 # -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    configure(globals())  # before the constants below, so --help and overrides see only the settings above
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -157,5 +160,4 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
     main()

@@ -60,6 +60,8 @@ max_body_bytes = 1_000_000  # larger request bodies get 413
 api_key = ''  # when set, /v1 and /api routes need "Authorization: Bearer <api_key>"
 seed = 1337  # the global RNG, used by requests that bring no seed of their own
 # -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    configure(globals())  # before the constants below, so --help and overrides see only the settings above
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # templates/, config/ and train.py live here
 CHAT_ROLES = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}
@@ -940,5 +942,4 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
     main()
