@@ -352,7 +352,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
                              optimizer='adamw', muon_lr=0.02, muon_momentum=0.95):
-        """AdamW with weight decay on the matrices (>= 2-D) only, fused on CUDA. With
+        """AdamW with weight decay on the matrices (>= 2-D) only, fused (one kernel for all tensors) on CUDA and CPU. With
         optimizer='muon', the 2-D matrices inside the blocks go to Muon at muon_lr and the
         embeddings, the head and every 1-D parameter to AdamW at learning_rate."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -362,7 +362,8 @@ class GPT(nn.Module):
         print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         if optimizer == 'adamw':
             groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-            use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+            on = self.lm_head.weight.device.type  # fused kernels exist for CUDA and CPU tensors
+            use_fused = on in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
             print(f"using fused AdamW: {use_fused}")
             return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
         assert optimizer == 'muon', f"unknown optimizer '{optimizer}'"

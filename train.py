@@ -259,13 +259,15 @@ if master_process and os.path.exists(meta_path):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split; the same batches at every evaluation."""
+    """Mean loss over eval_iters random batches per split."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, batch_generator('eval', split, k))
+            # fresh batches at each evaluation, as nanoGPT draws them, but seeded by the iteration
+            # so a resumed run evaluates on the same batches as the uninterrupted one
+            X, Y = get_batch(split, batch_generator('eval', split, iter_num, k))
             with ctx:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
