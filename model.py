@@ -365,7 +365,8 @@ class GPT(nn.Module):
             on = self.lm_head.weight.device.type  # fused kernels exist for CUDA and CPU tensors
             use_fused = on in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
             print(f"using fused AdamW: {use_fused}")
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
+            return self._forget_decode_head_on_step(
+                torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {})))
         assert optimizer == 'muon', f"unknown optimizer '{optimizer}'"
         matrices = [p for n, p in params.items() if p.dim() == 2 and n.startswith('transformer.h.')]
         embed_head = [p for n, p in params.items() if p.dim() >= 2 and not n.startswith('transformer.h.')]
@@ -375,7 +376,13 @@ class GPT(nn.Module):
             {'params': embed_head, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
             {'params': no_decay, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0},
         ]
-        return Muon([g for g in groups if g['params']])
+        return self._forget_decode_head_on_step(Muon([g for g in groups if g['params']]))
+
+    def _forget_decode_head_on_step(self, optimizer):
+        # decode_head() keeps a transposed copy of lm_head keyed by the weight's _version, but the
+        # fused AdamW kernels update weights without bumping _version: drop the copy at every step
+        optimizer.register_step_post_hook(lambda *args: setattr(self, '_decode_head_key', None))
+        return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (A100 bf16 dense is 312e12,
