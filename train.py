@@ -408,4 +408,5 @@ while True:
 if eval_full_val and master_process:
     print(f"full val loss {full_val_loss():.4f}")
 if ddp:
+    torch.distributed.barrier()  # tear down together: a rank leaving early can abort another's gloo threads
     destroy_process_group()
