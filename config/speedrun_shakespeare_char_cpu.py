@@ -2,7 +2,7 @@
 # Shakespeare model: a full val loss at or below what
 #   python train.py config/train_shakespeare_char_cpu.py --eval_full_val=True
 # reaches (about 1.90), in well under half of its wall time. Measured numbers and the search
-# are in docs/switches.md.
+# are in the README (Architecture switches and Muon).
 # python data/shakespeare_char/prepare.py && python train.py config/speedrun_shakespeare_char_cpu.py
 
 exec(open('config/train_shakespeare_char_cpu.py').read())
