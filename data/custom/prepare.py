@@ -14,7 +14,6 @@ val_fraction of the text is the validation set.
 """
 import glob
 import os
-import pickle
 import sys
 import urllib.parse
 import urllib.request
@@ -30,26 +29,9 @@ out_dir = ''  # write here instead of data/<dataset>/
 # -----------------------------------------------------------------------------
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # repo root, for configurator
 from configurator import configure, fail
+from data.prepare_common import check_text, temp_name, write_outputs
 configure(globals())
 repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def check_text(raw, name):
-    """Bytes -> str, refusing what cannot be a text corpus (fail() exits with one line)."""
-    if b'\0' in raw:
-        fail(f"{name} looks binary (it contains NUL bytes)")
-    try:
-        text = raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-        fail(f"{name} is not UTF-8 text (bad byte at offset {e.start})")
-    if not text.strip():
-        fail(f"{name} is empty")
-    return text
-
-
-def temp_name(path):
-    # a hidden name beside the final one: same folder, so os.replace is an atomic rename
-    return os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
 
 
 def download(url, path):
@@ -79,25 +61,6 @@ def download(url, path):
 def read_text(path):
     with open(path, 'rb') as f:
         return check_text(f.read(), path)
-
-
-def write_outputs(out_dir, arrays, meta):
-    # everything goes to temp files first and is renamed into place only once all of it
-    # is written, so a failure never leaves a train.bin without its val.bin or meta.pkl
-    tmps = {name: temp_name(os.path.join(out_dir, name)) for name in [*arrays, 'meta.pkl']}
-    try:
-        for name, arr in arrays.items():
-            arr.tofile(tmps[name])
-        with open(tmps['meta.pkl'], 'wb') as f:
-            pickle.dump(meta, f)
-        for name, tmp in tmps.items():
-            os.replace(tmp, os.path.join(out_dir, name))
-    except OSError as e:
-        fail(f"could not write to {out_dir}: {e}")
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 # check the settings before touching any file

@@ -33,6 +33,7 @@ out_dir = os.path.dirname(os.path.abspath(__file__))  # where train.bin, val.bin
 # -----------------------------------------------------------------------------
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # repo root, for configurator
 from configurator import configure, fail
+from data.prepare_common import temp_name
 configure(globals())
 
 if all(os.path.exists(os.path.join(out_dir, f)) for f in ('train.bin', 'val.bin')):
@@ -47,7 +48,6 @@ try:
     enc = tiktoken.get_encoding('gpt2')
 except Exception as e:  # no network and no TIKTOKEN_CACHE_DIR holding the BPE files
     fail(f"could not load tiktoken's gpt2 encoding: {type(e).__name__}: {e}")
-
 
 
 def sniff(path, head_bytes=1 << 20):
@@ -126,11 +126,6 @@ if sum(lengths.values()) == len(docs):
 for split, n in lengths.items():
     if n < 2:
         fail(f"the {split} split has {n} token(s), need at least 2 (more documents or a larger val_fraction)")
-
-
-def temp_name(path):
-    # a hidden name beside the final one: same folder, so os.replace is an atomic rename
-    return os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
 
 
 # concatenate each split into a memmap on disk, a contiguous shard of documents at a

@@ -1,0 +1,64 @@
+"""
+Helpers shared by the data/*/prepare.py scripts: refuse input that is not text, download
+without leaving half a file, and write train.bin/val.bin/meta.pkl all or nothing.
+"""
+import os
+import pickle
+import urllib.request
+
+from configurator import fail
+
+
+def check_text(raw, name):
+    """Bytes -> str, refusing what cannot be a text corpus (fail() exits with one line)."""
+    if b'\0' in raw:
+        fail(f"{name} looks binary (it contains NUL bytes)")
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        fail(f"{name} is not UTF-8 text (bad byte at offset {e.start})")
+    if not text.strip():
+        fail(f"{name} is empty")
+    return text
+
+
+def temp_name(path):
+    # a hidden name beside the final one: same folder, so os.replace is an atomic rename
+    return os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+
+
+def download(url, path):
+    # fetch into a temp file and rename, so an interrupted download never looks finished
+    print(f"downloading {url}")
+    tmp = temp_name(path)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            raw = r.read()
+        check_text(raw, url)
+        with open(tmp, 'wb') as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        fail(f"could not download {url}: {e}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_outputs(out_dir, arrays, meta):
+    # everything goes to temp files first and is renamed into place only once all of it
+    # is written, so a failure never leaves a train.bin without its val.bin or meta.pkl
+    tmps = {name: temp_name(os.path.join(out_dir, name)) for name in [*arrays, 'meta.pkl']}
+    try:
+        for name, arr in arrays.items():
+            arr.tofile(tmps[name])
+        with open(tmps['meta.pkl'], 'wb') as f:
+            pickle.dump(meta, f)
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(out_dir, name))
+    except OSError as e:
+        fail(f"could not write to {out_dir}: {e}")
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
