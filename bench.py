@@ -10,9 +10,9 @@ $ python bench.py                                   # GPT-2 124M on a GPU
 $ python bench.py --device=cpu --real_data=False --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4
 $ python bench.py --profile=True
 
-sample: prefill and decode tokens/s of our KV-cache decode loop (model.generate_tokens, what
-sample.py and serve.py run), side by side with nanoGPT's uncached loop (written out below as the
-reference) and, with compare_hf=True, transformers' GPT2LMHeadModel.generate on the same weights.
+sample: prefill and decode tokens/s of the decode engine (engine.py, what sample.py and serve.py
+run), side by side with nanoGPT's uncached loop (written out below as the reference) and, with
+compare_hf=True, transformers' GPT2LMHeadModel.generate on the same weights.
 
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
@@ -27,7 +27,8 @@ import torch
 from torch.nn import functional as F
 
 from configurator import configure, fail
-from model import GPT, GPTConfig
+from engine import Engine, Row
+from model import GPT, GPTConfig, check_device_dtype
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' | 'sample'
@@ -71,11 +72,12 @@ configure(globals())
 
 if mode not in ('train', 'sample'):
     fail(f"mode must be 'train' or 'sample', not '{mode}'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
+try:
+    ptdtype = check_device_dtype(device, dtype)
+except ValueError as e:
+    fail(str(e))
 torch.manual_seed(seed)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -234,11 +236,16 @@ def hf_twin(model):
 
 
 def run_ours(model, prompts, n_new, generator):
-    """Times of: the call, and each new token's arrival, for our KV-cache loop."""
+    """Times of: the call, and each new token's arrival, for the engine (made inside the timing,
+    as sample.py makes it for every batch)."""
     t0 = now()
+    engine = Engine(model, len(prompts), n_new)
+    rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i)
+            for i, p in enumerate(prompts.tolist())]
+    engine.add(rows)
     times = []
-    for _ in model.generate_tokens(prompts.tolist(), n_new, temperature=temperature, top_k=top_k or None,
-                                   generator=generator):
+    while engine.rows:
+        engine.step()
         times.append(now())
     return t0, times
 
@@ -283,7 +290,7 @@ def bench_sample():
     else:
         from sample import load_model
         try:
-            model, _ = load_model(init_from, out_dir, device, dtype)
+            model, _, _ = load_model(init_from, out_dir, device, dtype)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
     cfg = model.config

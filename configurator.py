@@ -41,6 +41,36 @@ def type_ok(default, value):
     return isinstance(default, float) and type(value) is int
 
 
+def check_value(settings, key, text):
+    """The value that --key=text gives setting `key` of `settings` (name -> default), or a
+    ValueError saying what is wrong with it."""
+    if key not in settings:
+        raise ValueError(f"unknown setting '{key}'{closest(key, list(settings))}")
+    value = parse_value(text)
+    if not type_ok(settings[key], value):
+        raise ValueError(f"setting '{key}' expects {type(settings[key]).__name__}, got {type(value).__name__} '{text}'")
+    return float(value) if isinstance(settings[key], float) else value
+
+
+def settings_in(path):
+    """A script's settings and their defaults, read from its source without running it: the
+    plain assignments before its configure(globals()) call (serve.py checks a training run's
+    overrides against train.py's)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    settings = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and 'configure(' in ast.unparse(node):
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value.body if isinstance(node.value, ast.IfExp) else node.value  # dtype = 'a' if .. else 'b'
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(value)
+            except ValueError:
+                pass
+    return settings
+
+
 def configure(settings, argv=None):
     """Apply config files and --key=value overrides in argv to the dict `settings` (a script's globals())."""
     argv = sys.argv[1:] if argv is None else argv
@@ -74,12 +104,9 @@ def configure(settings, argv=None):
         key, sep, text = arg[2:].partition('=')
         if not sep:
             fail(f"expected --key=value, got '{arg}'")
-        if key not in known:
-            fail(f"unknown setting '{key}'{closest(key, known)}")
-        value = parse_value(text)
-        if not type_ok(settings[key], value):
-            fail(f"setting '{key}' expects {type(settings[key]).__name__}, got {type(value).__name__} '{text}'")
-        if isinstance(settings[key], float):
-            value = float(value)
+        try:
+            value = check_value({k: settings[k] for k in known}, key, text)
+        except ValueError as e:
+            fail(str(e))
         print(f"Overriding: {key} = {value!r}")
         settings[key] = value

@@ -8,9 +8,9 @@ QK-norm, ReLU², grouped-query attention, logit soft-capping, an untied head); e
 acts in a few lines at the place it matters and defaults to GPT-2, so every old
 checkpoint still loads.
 
-Also here: a KV cache and the decode primitives (prefill, one batched decode step,
-token sampling) that sample.py, bench.py and serve.py all build on, and the Muon
-optimizer.
+Also here: the KV cache that engine.py decodes with, loading GPT-2 weights and our own
+checkpoints (load_checkpoint: every script loads through it), and the optimizer setup
+(AdamW, or Muon from muon.py).
 
 References:
 1) OpenAI's GPT-2 paper and TensorFlow code
@@ -18,6 +18,7 @@ References:
 """
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,14 @@ class KVCache:
             self.k[layer][row, :, :n] = other.k[layer][other_row, :, :n]
             self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
         self.lengths[row] = n
+
+    def rows(self, start, stop):
+        """Rows start..stop-1 as a cache of their own that shares this one's memory (its lengths
+        are a copy: write them back after a forward)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.lengths, view.max_len = self.lengths[start:stop], self.max_len
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -251,10 +260,29 @@ class GPT(nn.Module):
         return n_params
 
     def forward(self, idx, targets=None, cache=None):
-        """idx: (B, T) token ids. Without `cache` the positions are 0..T-1. With a KVCache the
-        tokens continue each row at that row's length and the cache is extended by T.
-        Returns (logits, loss): logits for every position when targets are given, else only
-        for the last position (all the sampler needs)."""
+        """idx: (B, T) token ids. Returns (logits, loss): logits for every position when targets
+        are given (targets of -1 are left out of the loss), else only for the last position
+        (all that generation needs). With a KVCache, see hidden_states."""
+        x = self.hidden_states(idx, cache)
+        if targets is None:
+            return self.logits(x[:, [-1], :]), None
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def logits(self, x, head_t=None):
+        """Scores over the vocabulary from final hidden states. head_t is lm_head's weight
+        transposed: engine.py's faster layout for multiplying a few rows on a CPU."""
+        logits = self.lm_head(x) if head_t is None else x @ head_t
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def hidden_states(self, idx, cache=None):
+        """The final (normalised) hidden states, (B, T, n_embd). Without a cache the positions
+        are 0..T-1; with a KVCache each row's tokens continue at that row's length, their keys
+        and values are written into the cache, and its lengths grow by T."""
         device = idx.device
         B, T = idx.size()
         cfg = self.config
@@ -298,23 +326,9 @@ class GPT(nn.Module):
 
         for block in self.transformer.h:
             x = block(x, rope=rope, attn_mask=attn_mask, cache=cache, positions=positions)
-        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.lengths = [n + T for n in cache.lengths]
-
-        if targets is not None:
-            logits = self.lm_head(x)
-            if cfg.logit_softcap > 0:
-                logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        else:
-            x = x[:, [-1], :]  # the last position only: what sampling needs
-            head = self.decode_head() if cache is not None else None
-            logits = self.lm_head(x) if head is None else x @ head
-            if cfg.logit_softcap > 0:
-                logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
-            loss = None
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size):
         """Shrink the context length, e.g. to fine-tune GPT-2 (1024) on shorter windows."""
@@ -365,8 +379,7 @@ class GPT(nn.Module):
             on = self.lm_head.weight.device.type  # fused kernels exist for CUDA and CPU tensors
             use_fused = on in ('cuda', 'cpu') and 'fused' in inspect.signature(torch.optim.AdamW).parameters
             print(f"using fused AdamW: {use_fused}")
-            return self._forget_decode_head_on_step(
-                torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {})))
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
         assert optimizer == 'muon', f"unknown optimizer '{optimizer}'"
         matrices = [p for n, p in params.items() if p.dim() == 2 and n.startswith('transformer.h.')]
         embed_head = [p for n, p in params.items() if p.dim() >= 2 and not n.startswith('transformer.h.')]
@@ -376,13 +389,8 @@ class GPT(nn.Module):
             {'params': embed_head, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
             {'params': no_decay, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0},
         ]
-        return self._forget_decode_head_on_step(Muon([g for g in groups if g['params']]))
-
-    def _forget_decode_head_on_step(self, optimizer):
-        # decode_head() keeps a transposed copy of lm_head keyed by the weight's _version, but the
-        # fused AdamW kernels update weights without bumping _version: drop the copy at every step
-        optimizer.register_step_post_hook(lambda *args: setattr(self, '_decode_head_key', None))
-        return optimizer
+        from muon import Muon
+        return Muon([g for g in groups if g['params']])
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (A100 bf16 dense is 312e12,
@@ -394,231 +402,36 @@ class GPT(nn.Module):
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    # ------------------------------------------------------------------------------------
-    # Decoding with the KV cache. sample.py, bench.py and serve.py all use these pieces.
 
-    def new_cache(self, batch_size, max_len):
-        p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
-
-    def decode_head(self):
-        """On a CPU, without gradients: the output layer's weight transposed to (n_embd, vocab),
-        else None. The head is the largest matrix a decode step reads, and MKL multiplies a few
-        rows by it about 1.6x faster in this layout than in nn.Linear's (vocab, n_embd); the copy
-        costs vocab * n_embd floats (154 MB for GPT-2) and is made again when the weight changes."""
-        w = self.lm_head.weight
-        if w.device.type != 'cpu' or torch.is_grad_enabled():
-            return None
-        key = (w.data_ptr(), w._version, w.dtype)  # _version: bumped by every in-place update
-        if getattr(self, '_decode_head_key', None) != key:
-            self._decode_head = w.detach().t().contiguous()
-            self._decode_head_key = key
-        return self._decode_head
-
-    @torch.inference_mode()
-    def prefill(self, tokens):
-        """Run one prompt (a list of ids) through the model in one pass. Returns a 1-row
-        cache holding it and the logits (1, vocab) for the next token. A learned-position
-        model keeps the last block_size tokens, as nanoGPT crops."""
-        if self.config.learned_positions:
-            tokens = tokens[-self.config.block_size:]
-        cache = self.new_cache(1, len(tokens))
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.lm_head.weight.device)
-        logits, _ = self(idx, cache=cache)
-        return cache, logits[:, -1, :]
-
-    @torch.inference_mode()
-    def decode_step(self, cache, tokens):
-        """One new token per row: tokens (B,) -> logits (B, vocab) for the token after it."""
-        logits, _ = self(tokens[:, None], cache=cache)
-        return logits[:, -1, :]
-
-    def make_room(self, cache, row, history):
-        """A learned-position model cannot see past block_size. When row `row` is full,
-        re-prefill its last block_size-1 tokens (all of `history` but the newest token, which
-        the next decode step feeds) so the step sees exactly the window nanoGPT's crop sees."""
-        if self.config.learned_positions and cache.lengths[row] >= cache.max_len:
-            window, _ = self.prefill(history[-self.config.block_size:-1])
-            cache.copy_row(row, window)
-
-    @torch.inference_mode()
-    def generate_tokens(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, generator=None):
-        """The decode loop. prompts: a list of token-id lists (any lengths), one row each.
-        Yields a (B,) LongTensor of new tokens per step, max_new_tokens times."""
-        B = len(prompts)
-        cfg = self.config
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        max_len = min(longest, cfg.block_size) if cfg.learned_positions else longest
-        cache = self.new_cache(B, max_len)
-        if B > 1 and len({len(p) for p in prompts}) == 1 and len({tuple(p) for p in prompts}) == B:
-            # distinct prompts of one length: prefill them together, in one batched pass
-            window = cfg.block_size if cfg.learned_positions else len(prompts[0])  # as prefill crops
-            idx = torch.tensor([p[-window:] for p in prompts], dtype=torch.long, device=self.lm_head.weight.device)
-            logits = self(idx, cache=cache)[0][:, -1, :]
-        else:
-            logits = []
-            for row, prompt in enumerate(prompts):
-                if row > 0 and prompt == prompts[row - 1]:  # num_samples copies: prefill once
-                    cache.copy_row(row, cache, row - 1)
-                    logits.append(logits[-1])
-                    continue
-                one, last = self.prefill(prompt)
-                cache.copy_row(row, one)
-                logits.append(last)
-            logits = torch.cat(logits)
-        history = [list(p) for p in prompts]
-        counts = token_counts(history, logits.size(-1), logits.device) if repetition_penalty != 1.0 else None
-        for step in range(max_new_tokens):
-            if counts is not None:
-                logits = apply_penalties(logits, counts, repetition_penalty=repetition_penalty)
-            next_tokens = sample_next_token(logits, temperature, top_k, top_p, generator)
-            yield next_tokens
-            for row, t in enumerate(next_tokens.tolist()):
-                history[row].append(t)
-                self.make_room(cache, row, history[row])
-            if counts is not None:
-                counts[torch.arange(B), next_tokens] += 1
-            if step < max_new_tokens - 1:
-                logits = self.decode_step(cache, next_tokens)
-
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 generator=None):
-        """nanoGPT's call: idx (B, T) -> (B, T + max_new_tokens), now with the KV cache.
-        temperature=0 or top_k=1 is greedy."""
-        new = list(self.generate_tokens(idx.tolist(), max_new_tokens, temperature, top_k, top_p,
-                                        repetition_penalty, generator))
-        if not new:
-            return idx
-        return torch.cat([idx, torch.stack(new, dim=1).to(idx.device)], dim=1)
+def load_checkpoint(out_dir, device='cpu'):
+    """A GPT from out_dir/ckpt.pt (written by train.py, or by nanoGPT's) and the rest of the
+    checkpoint (optimizer state, iter_num, config, ...). Every script loads through here. A
+    checkpoint is data: weights_only=True refuses one that would run code when unpickled."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or set --out_dir")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        model_args = dict(checkpoint['model_args'])
+        model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
+        model = GPT(GPTConfig(**model_args))
+        # nanoGPT's checkpoints of compiled models carry this prefix on every key
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()})
+    except Exception as e:  # a truncated file, a pickle that is not plain data, weights of another shape
+        raise ValueError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return model, checkpoint
 
 
-def token_counts(histories, vocab_size, device):
-    """(B, vocab) float counts of each token in each row's history, for the penalties."""
-    counts = torch.zeros(len(histories), vocab_size, device=device)
-    for row, h in enumerate(histories):
-        if h:
-            counts[row].index_add_(0, torch.tensor(h, device=device), torch.ones(len(h), device=device))
-    return counts
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def apply_penalties(logits, counts, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0):
-    """Discourage tokens already seen. repetition_penalty (> 1 discourages; CTRL paper): a seen
-    token's logit is divided by it when positive, multiplied when negative. presence/frequency
-    (OpenAI's API): subtract presence once per seen token and frequency per occurrence."""
-    seen = counts > 0
-    if repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if presence_penalty or frequency_penalty:
-        logits = logits - presence_penalty * seen.to(logits.dtype) - frequency_penalty * counts
-    return logits
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from logits (B, vocab). temperature 0 is greedy; top_k keeps
-    the k most likely tokens (and any tied with the k-th); top_p keeps the smallest set whose
-    probability reaches p."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if top_k and top_k < logits.size(-1):
-        # Only the top_k tokens can come out, so draw among those k (topk hands them over sorted,
-        # as top_p needs) instead of over the whole vocabulary: the same distribution for much
-        # less work per step. One token more is fetched to see whether a tie crosses the cut.
-        values, indices = torch.topk(logits, top_k + 1)
-        values = values / temperature
-        if bool((values[:, -1] < values[:, -2]).all()):
-            choice = sample_sorted(values[:, :-1], top_p, generator)
-            return indices.gather(-1, choice[:, None])[:, 0]
-        # a tie at the k-th place: keep every token tied with it, over the whole vocabulary
-        logits = logits / temperature
-        logits = logits.masked_fill(logits < values[:, [-2]], float('-inf'))
-    else:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1.0:
-        logits, order = torch.sort(logits, descending=True)
-        return order.gather(-1, sample_sorted(logits, top_p, generator)[:, None])[:, 0]
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
-
-
-def sample_sorted(logits, top_p=None, generator=None):
-    """Draw a column index per row of logits (B, n) sorted in descending order, after top_p."""
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
-
-
-# ----------------------------------------------------------------------------------------
-# Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al., 2024)
-
-def newton_schulz(G, steps=5, eps=1e-7):
-    """Approximately orthogonalise G (push its singular values towards 1) with a quintic
-    Newton-Schulz iteration; coefficients (3.4445, -4.7750, 2.0315) from the Muon write-up.
-    It only needs matmuls, so it runs in bfloat16 on a GPU."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16() if G.is_cuda else G.float()
-    transposed = X.size(0) > X.size(1)
-    if transposed:
-        X = X.T  # iterate on the wide side: X @ X.T is then the smaller Gram matrix
-    X = X / (X.norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
-    for _ in range(steps):
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    if transposed:
-        X = X.T
-    return X.to(G.dtype)
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon for the groups with use_muon=True (2-D weight matrices): SGD-momentum (Nesterov)
-    whose update is orthogonalised by newton_schulz, scaled by sqrt(max(1, rows/cols)).
-    Groups with use_muon=False get a plain AdamW update, so one optimizer (one state_dict,
-    one learning-rate schedule) drives the whole model."""
-
-    def __init__(self, param_groups):
-        defaults = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, betas=(0.9, 0.95), eps=1e-8,
-                        weight_decay=0.0, use_muon=True)
-        super().__init__(param_groups, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = group['lr'], group['weight_decay']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if wd:
-                    p.mul_(1 - lr * wd)  # decoupled weight decay, as AdamW
-                if group['use_muon']:
-                    if 'momentum_buffer' not in state:
-                        state['momentum_buffer'] = torch.zeros_like(g)
-                    buf = state['momentum_buffer']
-                    buf.mul_(group['momentum']).add_(g)
-                    g = g.add(buf, alpha=group['momentum']) if group['nesterov'] else buf
-                    update = newton_schulz(g, steps=group['ns_steps'])
-                    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                else:
-                    if 'step' not in state:
-                        state['step'] = 0
-                        state['exp_avg'] = torch.zeros_like(p)
-                        state['exp_avg_sq'] = torch.zeros_like(p)
-                    state['step'] += 1
-                    beta1, beta2 = group['betas']
-                    state['exp_avg'].lerp_(g, 1 - beta1)
-                    state['exp_avg_sq'].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    bias1 = 1 - beta1 ** state['step']
-                    bias2 = 1 - beta2 ** state['step']
-                    denom = (state['exp_avg_sq'] / bias2).sqrt_().add_(group['eps'])
-                    p.addcdiv_(state['exp_avg'], denom, value=-lr / bias1)
-        return loss
+def check_device_dtype(device, dtype):
+    """The torch dtype named `dtype`, after checking that `device` exists here; ValueError
+    (with the fix) otherwise. train.py, sample.py, serve.py and bench.py all ask here."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine: use --device=cpu")
+    if device == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError("MPS is not available on this machine: use --device=cpu")
+    return DTYPES[dtype]

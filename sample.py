@@ -5,18 +5,20 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --stream=True
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a prompt, a continuation, repeat
 
-The loading and text-decoding functions here are what bench.py and serve.py import.
+load_model, TextStream and generate_text are what bench.py and serve.py import: the model and
+its tokenizer from one loader, text out of the one decode engine (engine.py).
 """
 import codecs
 import os
-import pickle
 import sys
 import time
 
 import torch
 
 from configurator import configure, fail
-from model import GPT, GPTConfig
+from engine import Engine, Row, SettingError
+from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
@@ -29,123 +31,57 @@ top_k = 200  # keep only the top_k most likely tokens (0 = no limit)
 top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = off)
 repetition_penalty = 1.0  # > 1.0 discourages tokens already in the text
 stop = ''  # stop a sample when this text appears (the sample ends just before it); '' = never
-seed = 1337
+seed = 1337  # sample i draws from its own random stream, seeded with seed + i
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
-compile = False  # torch.compile the model (pays off only for long generations on a GPU)
 # -----------------------------------------------------------------------------
 
 
-def load_checkpoint_model(out_dir, device):
-    """A GPT from out_dir/ckpt.pt (ours or nanoGPT's) and the checkpoint without its weights."""
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"no checkpoint at {ckpt_path}: train one with train.py, or set --out_dir")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-    model_args = dict(checkpoint['model_args'])
-    model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
-    model = GPT(GPTConfig(**model_args))
-    # nanoGPT's checkpoints of compiled models carry this prefix on every key
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state_dict)
-    info = {k: v for k, v in checkpoint.items() if k not in ('model', 'optimizer', 'scaler')}
-    return model, info
-
-
-def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', compile=False):
-    """The model ready for inference on `device` in `dtype`, and a dict describing where it came from."""
+def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32'):
+    """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
+    where it came from (the checkpoint's iter_num, config, ...). ValueError or FileNotFoundError
+    with a one-line reason for anything that cannot work, a tokenizer that does not fit included."""
+    ptdtype = check_device_dtype(device, dtype)
     if init_from == 'resume':
-        model, info = load_checkpoint_model(out_dir, device)
+        model, info = load_checkpoint(out_dir, device)
+        info.pop('optimizer', None)
         info['source'] = os.path.join(out_dir, 'ckpt.pt')
+        tokenizer = load_tokenizer(out_dir, (info.get('config') or {}).get('dataset'))
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
         info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
+        tokenizer = gpt2_tokenizer()
     else:
         raise ValueError(f"init_from must be 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
+    check_vocab(tokenizer, model.config.vocab_size)
     model.eval()
-    model.to(device)
-    if dtype != 'float32':
-        # inference only: cast the weights once instead of autocasting every op
-        model.to({'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
-    if compile:
-        model.compile(dynamic=True)
-    return model, info
-
-
-class Tokenizer:
-    """encode(text) -> ids, decode(ids) -> text, and token_bytes(ids) for exact streaming."""
-
-    def __init__(self, name, encode, token_bytes, eot=None):
-        self.name, self.encode, self.token_bytes, self.eot = name, encode, token_bytes, eot
-
-    def decode(self, ids):
-        return self.token_bytes(ids).decode('utf-8', errors='replace')
-
-    def encode_prompt(self, text):
-        """A prompt's ids; an empty prompt becomes <|endoftext|> (GPT-2) or a newline (char-level)."""
-        ids = self.encode(text) if text else []
-        if not ids:
-            ids = [self.eot] if self.eot is not None else self.encode('\n')
-        return ids
-
-
-def char_tokenizer(meta):
-    stoi, itos = meta['stoi'], meta['itos']
-
-    def encode(text):
-        unknown = sorted(set(text) - set(stoi))
-        if unknown:
-            raise ValueError(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
-        return [stoi[c] for c in text]
-    return Tokenizer('char', encode, lambda ids: ''.join(itos[i] for i in ids).encode('utf-8'))
-
-
-def gpt2_tokenizer():
-    import tiktoken  # reads its BPE files from TIKTOKEN_CACHE_DIR when offline
-    enc = tiktoken.get_encoding('gpt2')
-    return Tokenizer('gpt2', lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}),
-                     enc.decode_bytes, eot=enc.eot_token)
-
-
-def load_tokenizer(out_dir=None, info=None):
-    """meta.pkl in out_dir, else data/<dataset>/meta.pkl of the checkpoint's dataset, else GPT-2 BPE."""
-    candidates = []
-    if out_dir:
-        candidates.append(os.path.join(out_dir, 'meta.pkl'))
-    dataset = ((info or {}).get('config') or {}).get('dataset')
-    if dataset:
-        candidates.append(os.path.join('data', dataset, 'meta.pkl'))
-    for path in candidates:
-        if os.path.exists(path):
-            with open(path, 'rb') as f:
-                meta = pickle.load(f)
-            if 'stoi' in meta:
-                print(f"Loading meta from {path}...", file=sys.stderr)
-                return char_tokenizer(meta)
-            break  # a BPE dataset's meta: GPT-2 below
-    return gpt2_tokenizer()
+    # inference only: cast the weights once instead of autocasting every op
+    model.to(device=device, dtype=ptdtype)
+    return model, tokenizer, info
 
 
 class TextStream:
     """Turns one sample's tokens into text as they arrive. A BPE token can end in the middle
     of a UTF-8 character, so bytes are decoded incrementally and a partial character waits
-    for the next token. Text that could be the start of a stop sequence is held back until it
-    is clear; when a stop sequence (or <|endoftext|>) appears, the text ends just before it."""
+    for the next token. Text that could be the start of a stop string is held back until it
+    is clear; at a stop string the text ends just before it, at a stop token (<|endoftext|>)
+    it ends there."""
 
-    def __init__(self, tokenizer, stop=()):
+    def __init__(self, tokenizer, stop=(), stop_tokens=()):
         self.tokenizer = tokenizer
         self.stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+        self.stop_tokens = set(stop_tokens)
         self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
         self.pending = ''  # decoded, not yet released
-        self.stopped = False  # a stop sequence or <|endoftext|> was reached
+        self.stopped = False  # a stop string or stop token was reached
 
     def add(self, token):
         """Feed one token id; return the text that is now safe to show ('' if none)."""
         if self.stopped:
             return ''
-        if token == self.tokenizer.eot:
+        if token in self.stop_tokens:
             self.stopped = True
             return self._release(len(self.pending))
         self.pending += self.decoder.decode(self.tokenizer.token_bytes([token]))
@@ -153,7 +89,7 @@ class TextStream:
         if cut >= 0:
             self.stopped = True
             return self._release(cut)
-        # hold back the longest tail of pending that begins some stop sequence
+        # hold back the longest tail of pending that begins some stop string
         hold = 0
         for s in self.stop:
             for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
@@ -174,48 +110,49 @@ class TextStream:
         return out
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                  repetition_penalty=1.0, stop=(), seed=None, progress=False):
-    """Continue each prompt (a list of strings, one batch row each). Yields (row, text) pieces
-    as they decode; a row ends at a stop sequence or after max_new_tokens tokens."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    streams = [TextStream(tokenizer, stop) for _ in prompts]
-    steps = model.generate_tokens([tokenizer.encode_prompt(p) for p in prompts], max_new_tokens,
-                                  temperature=temperature, top_k=top_k or None, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, generator=generator)
+def stop_tokens_of(tokenizer):
+    return [] if tokenizer.eot is None else [tokenizer.eot]
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
+    """Continue each prompt (a list of strings, one engine row each). Yields (row, text) pieces
+    as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
+    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
+    engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed)
+    rows = [Row(tokenizer.encode_prompt(p), max_new_tokens, seed=None if seed is None else seed + i,
+                stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
+    streams = [TextStream(tokenizer, stop, stop_tokens_of(tokenizer)) for _ in prompts]
+    index = {id(row): i for i, row in enumerate(rows)}
+    engine.add(rows)
+    bar = None
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
-    for tokens in steps:
-        for row, token in enumerate(tokens.tolist()):
-            piece = streams[row].add(token)
+        bar = tqdm(total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
+    while engine.rows:
+        for row in engine.step():
+            if row.error is not None:
+                raise row.error
+            i = index[id(row)]
+            piece = streams[i].add(row.tokens[-1])
+            if streams[i].stopped:
+                engine.finish(row, 'stop')
             if piece:
-                yield row, piece
-        if all(s.stopped for s in streams):
-            break  # every row hit a stop sequence: no need to run the rest
-    for row, s in enumerate(streams):
+                yield i, piece
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for i, s in enumerate(streams):
         piece = s.finish()
         if piece:
-            yield row, piece
+            yield i, piece
 
 
 def main():
-    settings = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p)
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or max_new_tokens < 0:
-        fail(f"invalid sampling settings: {settings} (temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1)")
-    if repetition_penalty <= 0:
-        fail("repetition_penalty must be > 0")
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
-    torch.manual_seed(seed)
     try:
-        model, info = load_model(init_from, out_dir, device, dtype, compile)
+        model, tokenizer, info = load_model(init_from, out_dir, device, dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
-    tokenizer = load_tokenizer(out_dir if init_from == 'resume' else None, info)
     prompt = start
     if prompt.startswith('FILE:'):
         try:
@@ -223,11 +160,18 @@ def main():
                 prompt = f.read()
         except OSError as e:
             fail(f"cannot read prompt file: {e}")
+    if num_samples < 1:
+        fail(f"num_samples must be >= 1, not {num_samples}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    stop=stop)
+    try:  # the settings and the prompt, checked before any work
+        Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty)
+    except ValueError as e:
+        fail(str(e))
 
     if interactive:
-        # a terminal chat with the model: read a prompt, stream its continuation, repeat
+        # a terminal session with the model: read a prompt, stream its continuation, repeat
         n = 0
         while True:
             try:
@@ -246,10 +190,6 @@ def main():
             print(flush=True)
             n += 1
 
-    try:
-        tokenizer.encode_prompt(prompt)
-    except ValueError as e:
-        fail(str(e))
     if stream:
         # one sample at a time, printed as it decodes
         for i in range(num_samples):

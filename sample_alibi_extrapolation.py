@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from sample import load_checkpoint_model
+from model import load_checkpoint
+from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
 out_dirs = ['out-extrap-alibi', 'out-extrap-learned']  # checkpoints to compare
@@ -34,13 +35,9 @@ configure(globals())
 
 
 def val_tokens(ds):
-    import pickle
     data_dir = os.path.join('data', ds)
     meta_path = os.path.join(data_dir, 'meta.pkl')
-    dtype = 'uint16'
-    if os.path.exists(meta_path):
-        with open(meta_path, 'rb') as f:
-            dtype = pickle.load(f).get('dtype', 'uint16')
+    dtype = read_meta(meta_path).get('dtype', 'uint16') if os.path.exists(meta_path) else 'uint16'
     path = os.path.join(data_dir, 'val.bin')
     if not os.path.exists(path):
         fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
@@ -90,7 +87,10 @@ def sliding_window_loss(model, data, length, block, step):
 
 table_rows = []
 for out_dir in out_dirs:
-    model, info = load_checkpoint_model(out_dir, device)
+    try:
+        model, info = load_checkpoint(out_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
     model.eval()
     cfg = model.config
     block = cfg.block_size

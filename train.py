@@ -14,7 +14,6 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123
 """
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -27,7 +26,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
+from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -93,12 +93,12 @@ configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
 
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be float32, bfloat16 or float16, not '{dtype}'")
+try:
+    ptdtype = check_device_dtype(device, dtype)
+except ValueError as e:
+    fail(str(e))
 if optimizer not in ('adamw', 'muon'):
     fail(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail("CUDA is not available on this machine: use --device=cpu")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun run?
@@ -129,7 +129,6 @@ torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 if device_type == 'cpu' and dtype == 'float16':
     ptdtype, dtype = torch.float32, 'float32'  # float16 autocast is a GPU thing; float32 on CPU
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -137,10 +136,7 @@ ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=de
 # data: token files written by data/<dataset>/prepare.py, read through np.memmap
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.pkl')
-meta = {}
-if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
+meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
 data_dtype = np.dtype(meta.get('dtype', 'uint16'))
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
@@ -209,13 +205,11 @@ elif init_from == 'resume':
         fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}")
     if master_process:
         print(f"Resuming training from {out_dir}")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
     # the architecture comes from the checkpoint; the rest of the settings from this run
-    model_args = dict(checkpoint['model_args'])
-    model_args['gelu_approximate'] = checkpoint.get('gelu_approximate', 'none')
-    model = GPT(GPTConfig(**model_args))
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state_dict)
+    try:
+        model, checkpoint = load_checkpoint(out_dir, device)
+    except ValueError as e:
+        fail(str(e))
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from test_serve import start_server, stop_server, tiny_run_overrides, write_checkpoint, write_dataset
+from test_serve import project_dataset, start_server, stop_server, tiny_run_overrides, write_checkpoint
 
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', '/usr/bin/chromedriver'
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -111,9 +111,11 @@ def test_chat_tab(browser, url, tmp_path):
 
 
 def test_train_tab_draws_the_loss_chart(browser, url, tiny, tmp_path):
-    folder, _ = tiny
-    dataset = write_dataset(folder / 'tiny_chars')
-    overrides = tiny_run_overrides(dataset, str(tmp_path / 'out-run'), max_iters=30)
+    with project_dataset() as dataset:
+        train_from_the_page(browser, url, tiny_run_overrides(dataset, str(tmp_path / 'out-run'), max_iters=30), tmp_path)
+
+
+def train_from_the_page(browser, url, overrides, tmp_path):
     browser.get(url)
     by_id(browser, 'tab-train').click()
     wait(browser, lambda: 'train_shakespeare_char_cpu.py' in by_id(browser, 'train-config').text)

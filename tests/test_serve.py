@@ -2,15 +2,18 @@
 serve.py as a user runs it: a subprocess on a free loopback port serving a tiny random
 char-level checkpoint, talked to with the official openai client and with raw HTTP.
 """
+import contextlib
 import http.client
 import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -61,6 +64,18 @@ def write_dataset(folder):
     return str(folder)
 
 
+@contextlib.contextmanager
+def project_dataset():
+    """A tiny char dataset in the project's data/ folder (runs started from the page may read
+    only those), removed afterwards; yields its name."""
+    name = f'_test_{uuid.uuid4().hex[:8]}'
+    try:
+        write_dataset(REPO / 'data' / name)
+        yield name
+    finally:
+        shutil.rmtree(REPO / 'data' / name, ignore_errors=True)
+
+
 def tiny_run_overrides(dataset, out_dir, max_iters=100000):
     # a 1-layer model that trains in milliseconds per iteration; absolute paths, so the cwd does not matter
     return [f'--dataset={dataset}', f'--out_dir={out_dir}', '--device=cpu', '--compile=False', '--dtype=float32',
@@ -73,8 +88,9 @@ def start_server(log_dir, out_dir, *args):
     """Start serve.py on a free port; return (process, base url)."""
     log_path = os.path.join(log_dir, f'serve-{uuid.uuid4().hex[:6]}.log')
     log = open(log_path, 'w')
+    # runs started from the page may write under the temporary folder, where the tests keep their out_dirs
     proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', '--port=0', '--device=cpu',
-                             '--dtype=float32', *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             '--dtype=float32', f'--train_root={tempfile.gettempdir()}', *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1'))
     # one thread: for a model this small, more threads only wait on each other (and on a busy machine, a lot)
     deadline = time.time() + 120
@@ -380,8 +396,17 @@ def test_train_api(server, tmp_path):
                                                                  'overrides': overrides})
         assert status == 400 and reply['error']['param'] == 'overrides', overrides
 
-    dataset = write_dataset(tmp_path / 'tiny_chars')
-    overrides = tiny_run_overrides(dataset, str(tmp_path / 'out-run'))
+    # a run from the page stays in the project: out_dir under train_root, datasets from data/, no weights from a path
+    for bad in ['--out_dir=/etc', '--out_dir=../../x', '--dataset=../../etc', '--dataset=/tmp', '--dataset=nope',
+                '--init_from=/etc']:
+        status, reply = raw(server, 'POST', '/api/train/start', {'config': 'train_shakespeare_char_cpu.py',
+                                                                 'overrides': [bad]})
+        assert status == 400 and reply['error']['param'] == 'overrides', (bad, reply)
+    with project_dataset() as dataset:
+        run_and_stop(server, tiny_run_overrides(dataset, str(tmp_path / 'out-run')))
+
+
+def run_and_stop(server, overrides):
     status, started = raw(server, 'POST', '/api/train/start', {'config': 'train_shakespeare_char_cpu.py',
                                                                'overrides': overrides})
     assert status == 200 and started['running'], started

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import REPO, SHAKESPEARE
-from model import GPT, GPTConfig, apply_rope, newton_schulz
+from engine import generate
+from model import GPT, GPTConfig, KVCache, apply_rope
+from muon import newton_schulz
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, dropout=0.0, bias=False)
 
@@ -53,10 +55,10 @@ def all_logits(model, idx):
 @torch.no_grad()
 def cached_logits(model, idx, prefix):
     """Logits at positions prefix-1 .. T-1: prefill `prefix` tokens, then one decode step per token."""
-    cache = model.new_cache(idx.size(0), idx.size(1))
+    cache = KVCache(model.config, idx.size(0), idx.size(1), idx.device, torch.float32)
     out = [model(idx[:, :prefix], cache=cache)[0][:, -1]]
     for t in range(prefix, idx.size(1)):
-        out.append(model.decode_step(cache, idx[:, t]))
+        out.append(model(idx[:, t:t + 1], cache=cache)[0][:, -1])
     return torch.stack(out, dim=1), cache
 
 
@@ -99,8 +101,8 @@ def test_alibi_samples_past_block_size():
             p.add_(torch.randn_like(p) * 0.2)
     block = model.config.block_size
     prompt = list(range(1, 11))
-    new = list(model.generate_tokens([prompt], 3 * block, temperature=0))
-    seq = torch.tensor([prompt + [int(t) for t in new]])
+    new = generate(model, [prompt], 3 * block, temperature=0)[0]
+    seq = torch.tensor([prompt + new])
     assert seq.size(1) == 10 + 3 * block > block
     # greedy sampling with the cache picked the uncached forward's argmax at every position
     ref = all_logits(model, seq)
@@ -115,10 +117,9 @@ def test_alibi_ragged_batch_matches_single_rows():
     # rows of different lengths decode together: each row sees only its own positions
     model = make_model(use_alibi=True, n_kv_head=2).eval()
     prompts = [[3, 4, 5], list(range(20, 45)), [7]]
-    batched = torch.stack(list(model.generate_tokens(prompts, 20, temperature=0)), dim=1)
+    batched = generate(model, prompts, 20, temperature=0)
     for row, prompt in enumerate(prompts):
-        alone = torch.stack(list(model.generate_tokens([prompt], 20, temperature=0)), dim=1)
-        assert torch.equal(batched[row], alone[0])
+        assert batched[row] == generate(model, [prompt], 20, temperature=0)[0]
 
 
 def test_learned_positions_stop_at_block_size():
