@@ -183,10 +183,16 @@ class Engine:
             return []
         logits = self._isolated(self._forward, rows)
         live = [r for r in rows if r.error is None]
-        tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part]]), live)
-        for row, token in zip(live, tokens):
-            if row.error is None:
-                self._append(row, int(token))
+        # each row's random draw, made once: a retry below must not move a row's random stream
+        draws = {id(r): (r.rng or self.rng).random() for r in live}
+        tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part]],
+                                                          [draws[id(r)] for r in part]), live)
+        done = [(row, token) for row, token in zip(live, tokens.tolist()) if row.error is None]
+        if self.counts is not None and done:
+            slots = [self.rows.index(row) for row, _ in done]
+            self.counts[slots, [token for _, token in done]] += 1
+        for row, token in done:
+            self._append(row, token)
         for row in rows:
             if row.error is not None:
                 self.finish(row, 'error')
@@ -208,9 +214,8 @@ class Engine:
             except Exception as e:
                 row.error = e
                 parts.append(None)
-        shape = next((p.shape[1:] for p in parts if p is not None), ())
-        zero = torch.zeros((1, *shape), device=self.device)
-        return torch.cat([p if p is not None else zero for p in parts])
+        good = next((p for p in parts if p is not None), torch.zeros(1, dtype=torch.long))
+        return torch.cat([p if p is not None else torch.zeros_like(good[:1]) for p in parts])
 
     def _forward(self, rows):
         """The logits (n, vocab) for each row's next token, feeding each row's newest token.
@@ -236,8 +241,8 @@ class Engine:
         self.model.hidden_states(torch.tensor([window], device=self.device), cache=view)
         self.cache.lengths[slot] = view.lengths[0]
 
-    def _sample(self, rows, logits):
-        """A token per row from its logits (n, vocab), each row with its own settings."""
+    def _sample(self, rows, logits, draws):
+        """A token per row from its logits (n, vocab) and its random draw, each row with its own settings."""
         slots = torch.tensor([self.rows.index(r) for r in rows], device=self.device)
         x = logits
         if any(r.uses_penalties for r in rows):
@@ -250,11 +255,8 @@ class Engine:
         if self.vocab_size < x.size(-1):
             x[:, self.vocab_size:] = float('-inf')
         setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in rows], device=self.device, dtype=dtype)
-        uniform = torch.tensor([(r.rng or self.rng).random() for r in rows], device=self.device)
         tokens = sample_tokens(x, setting('temperature', torch.float), setting('top_k', torch.long),
-                               setting('top_p', torch.float), uniform)
-        if self.counts is not None:
-            self.counts[slots, tokens] += 1
+                               setting('top_p', torch.float), torch.tensor(draws, device=self.device))
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if wanted:
             # the model's own distribution: log-softmax at temperature 1, before any filter
@@ -289,8 +291,8 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
     """One token per row of logits (n, vocab), each row with its own settings, given as
     tensors of n: temperature (below MIN_TEMPERATURE: greedy), top_k (0: off; tokens tied
     with the k-th stay in), top_p (1: off; the most likely token always stays) and uniform,
-    the row's random draw in [0, 1). The draw picks a token by inverse transform sampling,
-    so a row's result does not depend on the other rows."""
+    the row's random draw in [0, 1). The draw picks a token by inverse transform sampling over
+    the kept tokens in id order, so a row gets the same token whatever the other rows are."""
     n, V = logits.shape
     greedy = logits.argmax(-1)
     sampled = temperature >= MIN_TEMPERATURE
@@ -305,32 +307,45 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
         kth, after = values.gather(1, (k - 1)[:, None]), values.gather(1, k.clamp(max=values.size(1) - 1)[:, None])
         if bool(((after < kth) | (k[:, None] == values.size(1))).all()):
             keep = torch.arange(values.size(1), device=logits.device)[None, :] < k[:, None]
-            choice = _draw(values.masked_fill(~keep, float('-inf')), temperature, top_p, uniform)
-            return torch.where(sampled, ids.gather(1, choice[:, None])[:, 0], greedy)
-    if k_max < V:
-        kth = logits.topk(k_max).values.gather(1, (k - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float('-inf'))
+            weights = _nucleus(_weights(values.masked_fill(~keep, float('-inf')), temperature), top_p)
+            by_id = ids.argsort(-1)
+            choice = _draw(weights.gather(1, by_id), uniform)
+            return torch.where(sampled, ids.gather(1, by_id).gather(1, choice[:, None])[:, 0], greedy)
+    limited = (top_k > 0) & (top_k < V)
+    if bool(limited.any()):  # keep each limited row's top_k (and ties); the other rows keep everything
+        k_limited = int(k[limited].max())
+        kth = logits.topk(k_limited).values.gather(1, (k.clamp(max=k_limited) - 1)[:, None])
+        logits = logits.masked_fill((logits < kth) & limited[:, None], float('-inf'))
+    weights = _weights(logits, temperature)
     if bool((top_p < 1).any()):
-        values, order = logits.sort(descending=True)
-        choice = order.gather(1, _draw(values, temperature, top_p, uniform)[:, None])[:, 0]
-    else:
-        choice = _draw(logits, temperature, top_p, uniform)
-    return torch.where(sampled, choice, greedy)
+        ranked, order = weights.sort(descending=True)
+        weights = torch.zeros_like(weights).scatter(1, order, _nucleus(ranked, top_p))
+    return torch.where(sampled, _draw(weights, uniform), greedy)
 
 
-def _draw(logits, temperature, top_p, uniform):
-    """A column per row of logits (n, m): top_p needs them sorted in descending order."""
+def _weights(logits, temperature):
+    """Unnormalised probabilities: the row's largest logit goes to 0 before the division by the
+    temperature, so nothing overflows and the most likely token has weight 1."""
     t = temperature.clamp(min=MIN_TEMPERATURE)[:, None]
-    # the row's largest logit at 0 before dividing: nothing overflows, and it keeps probability > 0
-    probs = ((logits - logits.max(-1, keepdim=True).values) / t).softmax(-1)
-    if bool((top_p < 1).any()):
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-        drop[:, 0] = False
-        probs = probs.masked_fill(drop, 0.0)
-    cdf = probs.cumsum(-1)
+    return ((logits - logits.max(-1, keepdim=True).values) / t).exp()
+
+
+def _nucleus(ranked, top_p):
+    """top_p on weights sorted in descending order: drop a token when the tokens ranked above it
+    already reach top_p of the total."""
+    if not bool((top_p < 1).any()):
+        return ranked
+    above = ranked.cumsum(-1) - ranked
+    drop = above >= top_p[:, None] * ranked.sum(-1, keepdim=True)
+    drop[:, 0] = False
+    return ranked.masked_fill(drop, 0.0)
+
+
+def _draw(weights, uniform):
+    """The column where each row's uniform draw lands in the cumulative weights."""
+    cdf = weights.cumsum(-1)
     choice = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    return choice[:, 0].clamp(max=logits.size(-1) - 1)
+    return choice[:, 0].clamp(max=weights.size(-1) - 1)
 
 
 def generate(model, prompts, max_new_tokens, seed=None, **settings):

@@ -202,6 +202,9 @@ class Worker:
                 continue
             try:
                 self.engine.add(request.rows[i])
+            except SettingError as e:
+                self.fail(request, APIError(str(e), e.name))
+                continue
             except Exception as e:  # this request's fault (a prompt the model cannot take): it alone fails
                 traceback.print_exc()
                 self.fail(request, server_error(f"could not start generating: {type(e).__name__}: {e}"))
@@ -381,9 +384,11 @@ def read_settings(body, default_max_tokens):
                      include_usage=field(options, 'include_usage', (bool,), False))
 
 
-def make_rows(prompts, row, n, stop_tokens):
+def make_rows(prompts, row, n, tokenizer):
     """n engine rows per prompt; the seed of choice c is seed + c, so each samples on its own."""
-    seed = row.pop('seed')
+    seed, stop_tokens = row.pop('seed'), stop_tokens_of(tokenizer)
+    if any(token >= tokenizer.n_vocab for token in row['logit_bias']):
+        raise APIError(f"logit_bias names a token id past the vocabulary (0..{tokenizer.n_vocab - 1})", 'logit_bias')
     try:
         return [[Row(p, **row, seed=None if seed is None else seed + i * n + j, stop_tokens=stop_tokens)
                  for j in range(n)] for i, p in enumerate(prompts)]
@@ -619,7 +624,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.generate(loaded, [ids], row, how, how['stop'] + stop, chat=True, echo=None)
 
     def generate(self, loaded, prompts, row, how, stop, chat, echo):
-        request = Request(loaded.version, make_rows(prompts, row, how['n'], stop_tokens_of(loaded.tokenizer)), stop)
+        request = Request(loaded.version, make_rows(prompts, row, how['n'], loaded.tokenizer), stop)
         worker.submit(request)
         n_choices, stream = len(prompts) * how['n'], how['stream']
         meta = dict(id=('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, created=int(time.time()),

@@ -36,16 +36,19 @@ MAX_BATCH = 4
 MAX_BODY = 20_000
 
 
-def write_checkpoint(out_dir, iter_num=3, seed=0, block_size=64, **switches):
-    """A random-weights checkpoint in train.py's format, with a char-level meta.pkl next to it."""
+def write_checkpoint(out_dir, iter_num=3, seed=0, block_size=64, vocab_size=None, meta=True, **switches):
+    """A random-weights checkpoint in train.py's format, with a char-level meta.pkl next to it
+    (or none: then the tokenizer is GPT-2's)."""
     os.makedirs(out_dir, exist_ok=True)
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, bias=False, vocab_size=len(CHARS),
-                      dropout=0.0, **switches)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, bias=False,
+                      vocab_size=vocab_size or len(CHARS), dropout=0.0, **switches)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
     torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': iter_num,
                 'best_val_loss': 3.25, 'config': {'dataset': 'tiny_chars', 'n_layer': 2}},
                os.path.join(out_dir, 'ckpt.pt'))
+    if not meta:
+        return str(out_dir)
     with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
         pickle.dump({'vocab_size': len(CHARS), 'stoi': {c: i for i, c in enumerate(CHARS)},
                      'itos': {i: c for i, c in enumerate(CHARS)}}, f)
@@ -122,7 +125,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp('serve')
     out_dir = write_checkpoint(folder / 'out-tiny')
     proc, url = start_server(str(folder), out_dir, f'--max_tokens_limit={MAX_TOKENS_LIMIT}',
-                             f'--max_batch_size={MAX_BATCH}', f'--max_body_bytes={MAX_BODY}')
+                             f'--max_batch_size={MAX_BATCH}', f'--max_body_bytes={MAX_BODY}', '--request_timeout=3')
     yield url
     if proc.poll() is None:
         stop_server(proc)
@@ -285,6 +288,14 @@ BAD_REQUESTS = [
     ('POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 5}]}, 400),
     ('POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': '\u00fc'}]}, 400),
     ('POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'hi'}], 'top_p': -1}, 400),
+    ('POST', '/v1/chat/completions', {'messages': [{'role': 'user'}]}, 400),
+    ('POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': None}]}, 400),
+    ('POST', '/v1/chat/completions', {'messages': [{'role': 'tool', 'content': 'x'}]}, 400),
+    ('POST', '/v1/completions', {'prompt': 'a', 'logit_bias': {'x': 1}}, 400),
+    ('POST', '/v1/completions', {'prompt': 'a', 'logit_bias': {'1': 101}}, 400),
+    ('POST', '/v1/completions', {'prompt': 'a', 'logit_bias': {'99999': 1}}, 400),
+    ('POST', '/v1/completions', {'prompt': 'a', 'logit_bias': [1]}, 400),
+    ('POST', '/v1/completions', {'prompt': 'a', 'temperature': 1e400}, 400),
     ('GET', '/nowhere', b'', 404),
     ('POST', '/v1/nowhere', {'prompt': 'a'}, 404),
     ('GET', '/v1/completions', b'', 405),
@@ -308,6 +319,105 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     with pytest.raises(openai.BadRequestError):
         client(server).completions.create(model='tiny', prompt='a', max_tokens=-5)
     assert client(server).completions.create(model='tiny', prompt='a', max_tokens=3).choices[0].text
+
+
+def test_chat_errors_name_the_message_and_unknown_fields_are_ignored(server):
+    for messages, param in [([{'role': 'user'}], 'messages[0].content'),
+                            ([{'role': 'system', 'content': 'be'}, {'role': 'robot', 'content': 'x'}], 'messages[1].role'),
+                            ([{'role': 'user', 'content': [{'type': 'image'}]}], 'messages[0].content')]:
+        status, reply = raw(server, 'POST', '/v1/chat/completions', {'messages': messages})
+        assert status == 400 and reply['error']['param'] == param, reply
+    # fields this server does not know are ignored, as OpenAI's server ignores them
+    status, reply = raw(server, 'POST', '/v1/completions', {'prompt': 'the', 'max_tokens': 3, 'user': 'me',
+                                                            'suffix': None, 'best_of': 1, 'frobnicate': [1, 2]})
+    assert status == 200 and len(reply['choices'][0]['text']) == 3
+
+
+def test_logit_bias(server):
+    x, e = str(CHARS.index('x')), str(CHARS.index('e'))
+    r = client(server).completions.create(model='tiny', prompt='the', max_tokens=20, logit_bias={x: 100}, seed=1)
+    assert r.choices[0].text == 'x' * 20
+    # -100 bans a token: a model forced to pick between two tokens, one banned, picks the other
+    bias = {str(i): -100 for i in range(len(CHARS)) if str(i) != e}
+    r = client(server).completions.create(model='tiny', prompt='the', max_tokens=20, logit_bias=bias, seed=1)
+    assert r.choices[0].text == 'e' * 20
+
+
+def test_a_slow_body_gets_408(server):
+    host, port = server.removeprefix('http://').split(':')
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                 b'Content-Length: 100\r\n\r\n{')
+    t0 = time.time()
+    answer = b''
+    try:
+        for _ in range(10):  # a byte every second: the server gives the whole body 3 seconds
+            time.sleep(1)
+            sock.sendall(b' ')
+    except OSError:
+        pass  # the server answered and closed
+    while chunk := sock.recv(4096):
+        answer += chunk
+    assert answer.startswith(b'HTTP/1.0 408') and b'did not arrive' in answer, answer
+    assert time.time() - t0 < 8
+    assert health(server)['status'] == 'ok'
+
+
+def test_64_concurrent_streams_each_complete_or_get_429(server):
+    """A burst of 64 streaming clients on a server of 4 rows: every client hears back, with a
+    whole stream or a 429; none is refused at the socket or left waiting."""
+    results = [None] * 64
+
+    def stream(i):
+        try:
+            host, port = server.removeprefix('http://').split(':')
+            conn = http.client.HTTPConnection(host, int(port), timeout=120)
+            conn.request('POST', '/v1/completions', json.dumps({'prompt': 'the', 'max_tokens': 16, 'stream': True,
+                                                                 'seed': i}), {'Content-Type': 'application/json'})
+            response = conn.getresponse()
+            body = response.read().decode()
+            results[i] = 429 if response.status == 429 else ('ok' if body.endswith('data: [DONE]\n\n') else body)
+        except Exception as e:
+            results[i] = repr(e)
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(64)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert all(r in ('ok', 429) for r in results), [r for r in results if r not in ('ok', 429)][:3]
+    assert results.count('ok') >= 8 and time.time() - t0 < 150
+
+
+def test_a_tokenizer_that_does_not_fit_is_refused_at_load(server, tmp_path):
+    # a 37-character model without its meta.pkl would get GPT-2's BPE: refused, and the old model stays
+    out_dir = write_checkpoint(tmp_path / 'out-no-meta', meta=False)
+    status, reply = raw(server, 'POST', '/api/model/load', {'out_dir': out_dir})
+    assert status == 400 and 'does not match' in reply['error']['message'], reply
+    assert raw(server, 'GET', '/api/model')[1]['id'] == 'out-tiny'
+
+
+def test_padded_vocabulary_streams_decode(server, tmp_path):
+    """A GPT-2-BPE model trained here has 50304 ids, 47 of which GPT-2's tokenizer cannot
+    decode: 8 concurrent streams all complete."""
+    original = raw(server, 'GET', '/api/model')[1]['out_dir']
+    out_dir = write_checkpoint(tmp_path / 'out-bpe', vocab_size=50304, meta=False)
+    assert raw(server, 'POST', '/api/model/load', {'out_dir': out_dir})[0] == 200
+    try:
+        texts = {}
+
+        def stream(i):
+            chunks = client(server).completions.create(model='x', prompt='Hello', max_tokens=40, stream=True,
+                                                       temperature=1.5, seed=i)
+            texts[i] = ''.join(c.choices[0].text for c in chunks if c.choices)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(texts) == 8 and all(texts.values())
+    finally:
+        assert raw(server, 'POST', '/api/model/load', {'out_dir': original})[0] == 200
 
 
 def test_disconnect_mid_stream_frees_the_row(server):
@@ -374,13 +484,21 @@ def test_model_info_and_load(server, tmp_path):
 
 
 def test_generation_past_the_block_size(server, tmp_path):
-    # learned positions slide their window (make_room); rotary and ALiBi models run on past block_size
+    """Learned positions slide their window; rotary and ALiBi models run on past block_size.
+    A prompt longer than block_size is cropped by one rule: the server's greedy continuation
+    is sample.py's."""
+    from sample import generate_text, load_model
     original = raw(server, 'GET', '/api/model')[1]['out_dir']
+    prompt = 'the quick brown fox jumps over the lazy dog'  # 43 characters, block_size 16
     for name, switches in [('out-learned', {}), ('out-rope', {'use_rope': True}), ('out-alibi', {'use_alibi': True})]:
         out_dir = write_checkpoint(tmp_path / name, block_size=16, **switches)
         assert raw(server, 'POST', '/api/model/load', {'out_dir': out_dir})[0] == 200
-        r = client(server).completions.create(model='x', prompt='the quick brown fox jumps', max_tokens=80, n=2)
+        r = client(server).completions.create(model='x', prompt=prompt, max_tokens=80, n=2)
         assert [len(ch.text) for ch in r.choices] == [80, 80], name
+        greedy = client(server).completions.create(model='x', prompt=prompt, max_tokens=40, temperature=0)
+        model, tokenizer, _ = load_model('resume', out_dir)
+        local = ''.join(piece for _, piece in generate_text(model, tokenizer, [prompt], 40, temperature=0))
+        assert greedy.choices[0].text == local, name
     assert raw(server, 'POST', '/api/model/load', {'out_dir': original})[0] == 200
 
 
@@ -457,3 +575,77 @@ def test_api_key_and_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
+    """serve.py's worker in this process, with faults injected into one request each while it
+    is prefilled, while its decode step runs, while it is sampled and while its text is
+    decoded: each of those gets an error, and the healthy requests beside them complete with
+    the text they get alone."""
+    import engine as engine_module
+    import serve
+    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out-worker'), version=0)
+    ids = {c: CHARS.index(c) for c in 'QZ!?'}
+    hidden_states = loaded.model.hidden_states
+
+    def faulty_hidden_states(idx, cache=None):
+        if idx.size(1) > 1 and (idx == ids['Q']).any():
+            raise RuntimeError("prefill fault")
+        if idx.size(1) == 1 and (idx == ids['!']).any():
+            raise RuntimeError("step fault")
+        return hidden_states(idx, cache)
+    sample_tokens = engine_module.sample_tokens
+
+    def faulty_sample_tokens(logits, temperature, *args):
+        if (temperature == 0.123).any():
+            raise RuntimeError("sampling fault")
+        return sample_tokens(logits, temperature, *args)
+    token_bytes = loaded.tokenizer.token_bytes
+
+    def faulty_token_bytes(tokens):
+        if ids['?'] in tokens:
+            raise ValueError("decoding fault")
+        return token_bytes(tokens)
+
+    def request(prompt, **body):
+        body = dict(dict(max_tokens=30, temperature=0.8, seed=7), **body)
+        body['logit_bias'] = {str(i): -100 for i in ids.values()} | body.get('logit_bias', {})
+        row, how = serve.read_settings(body, 16)
+        return serve.Request(0, serve.make_rows([loaded.tokenizer.encode_prompt(prompt)], row, how['n'],
+                                                loaded.tokenizer), how['stop'])
+
+    def answer(r):
+        texts, done = {}, set()
+        while len(done) < len(r.rows[0]):
+            event = r.events.get(timeout=60)
+            if event[0] == 'error':
+                return event[1]
+            if event[0] == 'text':
+                texts[event[1]] = texts.get(event[1], '') + event[2]
+            else:
+                done.add(event[1])
+        return [texts.get(i, '') for i in range(len(done))]
+
+    def healthy():
+        return [request('the lazy dog', n=2), request('a fox', temperature=0), request('quick', max_tokens=50)]
+
+    worker = serve.Worker(loaded)
+    try:
+        expected = [answer(r) for r in [*healthy()] for _ in [worker.submit(r)]]
+        monkeypatch.setattr(loaded.model, 'hidden_states', faulty_hidden_states)
+        monkeypatch.setattr(engine_module, 'sample_tokens', faulty_sample_tokens)
+        monkeypatch.setattr(loaded.tokenizer, 'token_bytes', faulty_token_bytes)
+        faulty = [request('the Q fox'), request('the dog!'), request('the fox', temperature=0.123),
+                  request('the cat', logit_bias={str(ids['?']): 100})]
+        good = healthy()
+        for r in [good[0], *faulty[:2], good[1], *faulty[2:], good[2]]:
+            worker.submit(r)
+        errors = [answer(r) for r in faulty]
+        assert [type(e).__name__ for e in errors] == ['APIError'] * 4, errors
+        assert all(e.status == 500 for e in errors)
+        for e, what in zip(errors, ['prefill fault', 'step fault', 'sampling fault', 'decoding fault']):
+            assert what in e.message, e.message
+        assert [answer(r) for r in good] == expected
+        assert worker.status()['active_rows'] == 0 and worker.status()['failed'] == 4
+    finally:
+        worker.close()
