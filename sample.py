@@ -114,6 +114,28 @@ def stop_tokens_of(tokenizer):
     return [] if tokenizer.eot is None else [tokenizer.eot]
 
 
+def decode_step(engine):
+    """One engine step, as text: (row, the text its new token adds) for each row the step
+    touched. Every row carries its TextStream as row.text: a row whose text reaches a stop
+    string ends there, and a token the tokenizer cannot decode fails the row (row.error) as an
+    engine fault would."""
+    out = []
+    for row in engine.step():
+        piece = ''
+        if row.error is None:
+            try:
+                piece = row.text.add(row.tokens[-1])
+                if row.text.stopped:
+                    engine.finish(row, 'stop')
+                if row.finish_reason:
+                    piece += row.text.finish()
+            except Exception as e:
+                row.error = e
+                engine.finish(row, 'error')
+        out.append((row, piece))
+    return out
+
+
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
     """Continue each prompt (a list of strings, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
@@ -121,31 +143,24 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed)
     rows = [Row(tokenizer.encode_prompt(p), max_new_tokens, seed=None if seed is None else seed + i,
                 stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
-    streams = [TextStream(tokenizer, stop, stop_tokens_of(tokenizer)) for _ in prompts]
     index = {id(row): i for i, row in enumerate(rows)}
+    for row in rows:
+        row.text = TextStream(tokenizer, stop, row.stop_tokens)
     engine.add(rows)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
     while engine.rows:
-        for row in engine.step():
+        for row, piece in decode_step(engine):
             if row.error is not None:
                 raise row.error
-            i = index[id(row)]
-            piece = streams[i].add(row.tokens[-1])
-            if streams[i].stopped:
-                engine.finish(row, 'stop')
             if piece:
-                yield i, piece
+                yield index[id(row)], piece
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    for i, s in enumerate(streams):
-        piece = s.finish()
-        if piece:
-            yield i, piece
 
 
 def main():

@@ -16,7 +16,6 @@ import os
 import queue
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import torch
 
 from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError
-from sample import TextStream, load_model, stop_tokens_of
+from sample import TextStream, decode_step, load_model, stop_tokens_of
 from tokenizer import CHAT_ROLES, render_chat
 
 # -----------------------------------------------------------------------------
@@ -48,7 +47,7 @@ max_batch_size = 8  # rows of the engine: requests (times n) decoded together
 max_tokens_limit = 1024  # the largest max_tokens a request may ask for
 max_waiting = 256  # prompts queued for a free row; past that, new requests get 429
 max_body_bytes = 1_000_000  # larger request bodies get 413
-request_timeout = 30  # seconds a client has to send a whole request body
+request_timeout = 30  # seconds a client has to send a whole request
 api_key = ''  # when set, /v1 and /api routes need "Authorization: Bearer <api_key>"
 train_root = ''  # runs started from the page write their out_dir under here ('' = this project's folder)
 seed = 1337  # the random stream of requests that bring no seed of their own
@@ -78,11 +77,10 @@ def server_error(message, code=None, status=500):
 class Loaded:
     """A model with its tokenizer and where it came from. A reload replaces the whole object."""
 
-    def __init__(self, init_from, out_dir, version):
+    def __init__(self, init_from, out_dir):
         self.model, self.tokenizer, self.info = load_model(init_from, out_dir, device, dtype)
-        self.init_from, self.out_dir, self.version = init_from, out_dir, version
+        self.init_from, self.out_dir, self.created = init_from, out_dir, int(time.time())
         self.name = os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
-        self.created = int(time.time())
 
     def describe(self):
         cfg = self.model.config
@@ -100,16 +98,18 @@ class Loaded:
 
 class Request:
     """One API call: rows[i] are the n engine rows (the "choices") of prompt i, made and checked
-    by the HTTP thread. The worker reports through `events`: ('text', choice, piece),
-    ('done', choice, finish_reason, n_tokens) or ('error', APIError)."""
+    by the HTTP thread for the model `loaded`. The worker reports through `events`:
+    ('text', choice, piece), ('done', choice, finish_reason, n_tokens) or ('error', APIError)."""
 
-    def __init__(self, version, rows, stop):
-        self.version, self.rows, self.stop = version, rows, stop
+    def __init__(self, loaded, rows, stop):
+        self.loaded, self.rows, self.stop = loaded, rows, stop
         self.events = queue.Queue()
         self.cancelled = False  # set by the HTTP thread when its client has gone
 
 
 class Worker:
+    """The engine's rows carry their request: row.request, row.choice and row.text (its TextStream)."""
+
     def __init__(self, loaded):
         self.cond = threading.Condition()  # guards waiting, pending_load and closing
         self.waiting = deque()  # (request, prompt index)
@@ -120,10 +120,10 @@ class Worker:
         self.thread.start()
 
     def use(self, loaded):
-        self.loaded, self.engine, self.running = loaded, None, {}  # running: Row -> (request, choice, TextStream)
+        self.loaded = loaded
         self.engine = Engine(loaded.model, max_batch_size, max_tokens_limit, loaded.tokenizer.n_vocab, seed)
 
-    def submit(self, request, load=None):
+    def submit(self, request=None, load=None):
         """Queue a request (from an HTTP thread), or with load=(Loaded, Event) switch models."""
         with self.cond:
             if self.closing:
@@ -138,8 +138,8 @@ class Worker:
             self.cond.notify()
 
     def status(self):
-        return dict(active_rows=len(self.running), waiting=len(self.waiting), max_batch_size=max_batch_size,
-                    **self.stats)
+        return dict(self.stats, active_rows=len(self.engine.rows), waiting=len(self.waiting),
+                    max_batch_size=max_batch_size)
 
     def close(self):
         """Stop after the current step; every open request ends with an error."""
@@ -154,7 +154,7 @@ class Worker:
     def run(self):
         while True:
             with self.cond:
-                while not (self.running or self.waiting or self.pending_load or self.closing):
+                while not (self.engine.rows or self.waiting or self.pending_load or self.closing):
                     self.cond.wait()
                 if self.closing:
                     return
@@ -173,18 +173,15 @@ class Worker:
 
     def fail_all(self, error):
         with self.cond:
-            requests = {r for r, _ in self.waiting} | {r for r, _, _ in self.running.values()}
+            requests = {r for r, _ in self.waiting} | {row.request for row in self.engine.rows}
             self.waiting.clear()
         for request in requests:
-            request.events.put(('error', error))
-        self.running = {}
+            self.fail(request, error)
 
     def fail(self, request, error):
         """End one request with an error; its other rows leave the engine too."""
-        for row, (r, _, _) in list(self.running.items()):
-            if r is request:
-                self.engine.finish(row, 'error')
-                del self.running[row]
+        for row in [row for row in self.engine.rows if row.request is request]:
+            self.engine.finish(row, 'error')
         self.stats['failed'] += 1
         request.events.put(('error', error))
 
@@ -197,54 +194,43 @@ class Worker:
                 if not self.waiting or len(self.waiting[0][0].rows[0]) > max_batch_size - len(self.engine.rows):
                     return
                 request, i = self.waiting.popleft()
-            if request.version != self.loaded.version:  # tokenized for a model that is gone
-                self.fail(request, server_error("the model was replaced; send the request again", 'model_replaced', 503))
-                continue
+            rows = request.rows[i]
+            for j, row in enumerate(rows):
+                row.request, row.choice = request, i * len(rows) + j
+                row.text = TextStream(self.loaded.tokenizer, request.stop, row.stop_tokens)
             try:
-                self.engine.add(request.rows[i])
+                if request.loaded is not self.loaded:  # tokenized for a model that is gone
+                    raise server_error("the model was replaced; send the request again", 'model_replaced', 503)
+                self.engine.add(rows)
+            except APIError as e:
+                self.fail(request, e)
             except SettingError as e:
                 self.fail(request, APIError(str(e), e.name))
-                continue
             except Exception as e:  # this request's fault (a prompt the model cannot take): it alone fails
                 traceback.print_exc()
                 self.fail(request, server_error(f"could not start generating: {type(e).__name__}: {e}"))
-                continue
-            n = len(request.rows[i])
-            for j, row in enumerate(request.rows[i]):
-                self.running[row] = (request, i * n + j, TextStream(self.loaded.tokenizer, request.stop, row.stop_tokens))
-            self.stats['peak_active_rows'] = max(self.stats['peak_active_rows'], len(self.running))
+            self.stats['peak_active_rows'] = max(self.stats['peak_active_rows'], len(self.engine.rows))
 
     def step(self):
-        for row, (request, _, _) in list(self.running.items()):
-            if request.cancelled:
-                self.engine.finish(row, 'cancelled')
-                del self.running[row]
-                self.stats['cancelled'] += 1
-        if not self.running:
-            return
-        self.stats['steps'] += 1
-        for row in self.engine.step():
-            if row not in self.running:  # its request failed earlier in this loop
+        for row in [row for row in self.engine.rows if row.request.cancelled]:
+            self.engine.finish(row, 'cancelled')
+            self.stats['cancelled'] += 1
+        self.stats['steps'] += bool(self.engine.rows)
+        failed = set()  # requests failed in this step: their other rows have left the engine
+        for row, piece in decode_step(self.engine):
+            request = row.request
+            if request in failed:
                 continue
-            request, choice, text = self.running[row]
-            try:
-                if row.error is not None:
-                    raise row.error
-                piece = text.add(row.tokens[-1])  # a tokenizer that cannot decode the id raises here
-                if text.stopped:
-                    self.engine.finish(row, 'stop')
-                if row.finish_reason:
-                    piece += text.finish()
-            except Exception as e:  # a fault in one request's row: that request alone fails
-                self.fail(request, server_error(f"error while generating: {type(e).__name__}: {e}"))
+            if row.error is not None:  # a fault in one row: its request alone fails
+                self.fail(request, server_error(f"error while generating: {type(row.error).__name__}: {row.error}"))
+                failed.add(request)
                 continue
             self.stats['generated_tokens'] += 1
             if piece:
-                request.events.put(('text', choice, piece))
+                request.events.put(('text', row.choice, piece))
             if row.finish_reason:
-                request.events.put(('done', choice, 'stop' if row.finish_reason == 'stop' else 'length',
-                                    len(row.tokens)))
-                del self.running[row]
+                reason = 'stop' if row.finish_reason == 'stop' else 'length'
+                request.events.put(('done', row.choice, reason, len(row.tokens)))
                 self.stats['completed'] += 1
 
 
@@ -255,29 +241,28 @@ def check_override(arg, settings):
     """--key=value for a known setting, of the setting's type; and a run from the page stays in
     the project: its out_dir under train_root, its dataset a folder of data/, no weights from a path."""
     match = re.fullmatch(r'--([A-Za-z_]\w*)=(.*)', arg) if isinstance(arg, str) else None
-    if not match:
-        raise APIError(f"override {arg!r} is not of the form --key=value", 'overrides')
-    key = match.group(1)
     try:
-        value = check_value(settings, key, match.group(2))
+        if not match:
+            raise ValueError(f"override {arg!r} is not of the form --key=value")
+        key, value = match.group(1), check_value(settings, *match.groups())
+        root = os.path.realpath(train_root or HERE)
+        if key == 'out_dir' and os.path.commonpath([root, os.path.realpath(os.path.join(HERE, value))]) != root:
+            raise ValueError(f"out_dir must be a folder under {root}")
+        if key == 'dataset' and not (re.fullmatch(r'\w[\w.-]*', value) and os.path.isdir(os.path.join(HERE, 'data', value))):
+            raise ValueError(f"dataset must be the name of a folder in data/, not {value!r}")
+        if key == 'init_from' and not re.fullmatch(r'scratch|resume|gpt2(-medium|-large|-xl)?', value):
+            raise ValueError("init_from must be 'scratch', 'resume' or a GPT-2 name")
     except ValueError as e:
         raise APIError(str(e), 'overrides')
-    root = os.path.realpath(train_root or HERE)
-    if key == 'out_dir' and os.path.commonpath([root, os.path.realpath(os.path.join(HERE, value))]) != root:
-        raise APIError(f"out_dir must be a folder under {root}", 'overrides')
-    if key == 'dataset' and not (re.fullmatch(r'\w[\w.-]*', value) and os.path.isdir(os.path.join(HERE, 'data', value))):
-        raise APIError(f"dataset must be the name of a folder in data/, not {value!r}", 'overrides')
-    if key == 'init_from' and not re.fullmatch(r'scratch|resume|gpt2(-medium|-large|-xl)?', value):
-        raise APIError("init_from must be 'scratch', 'resume' or a GPT-2 name", 'overrides')
 
 
 class TrainRun:
-    """At most one train.py subprocess. Its stdout and stderr go to a log file in a temporary
-    directory, which the page reads piece by piece."""
+    """At most one train.py subprocess. Its stdout and stderr go to a log file, which the page
+    reads piece by piece."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.proc = self.run_id = self.log_path = self.log_dir = self.command = self.started = None
+        self.proc = self.run_id = self.log_path = self.command = self.started = None
 
     def configs(self):
         return sorted(f for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py') and not f.startswith('_'))
@@ -293,20 +278,17 @@ class TrainRun:
         with self.lock:
             if self.proc is not None and self.proc.poll() is None:
                 raise APIError("a training run is already running; stop it first", status=409, code='busy')
-            if self.log_dir:
-                shutil.rmtree(self.log_dir, ignore_errors=True)
-            self.log_dir = tempfile.mkdtemp(prefix='nanogpt-train-')
-            self.log_path = os.path.join(self.log_dir, 'train.log')
+            self.remove_log()
             # an argument list, never a shell: the overrides reach train.py exactly as written
             self.command = [sys.executable, 'train.py', os.path.join('config', config_name), *overrides]
-            with open(self.log_path, 'ab') as log:
+            with tempfile.NamedTemporaryFile('wb', prefix='nanogpt-train-', suffix='.log', delete=False) as log:
                 log.write(('$ python ' + ' '.join(self.command[1:]) + '\n').encode())
                 log.flush()
                 # its own session: a Ctrl-C meant for the server does not hit the run directly
                 self.proc = subprocess.Popen(self.command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              env=dict(os.environ, PYTHONUNBUFFERED='1'))
-            self.run_id, self.started = uuid.uuid4().hex[:12], time.time()
+            self.log_path, self.run_id, self.started = log.name, uuid.uuid4().hex[:12], time.time()
         return self.status()
 
     def stop(self):
@@ -319,6 +301,10 @@ class TrainRun:
                     self.proc.kill()
                     self.proc.wait()
         return self.status()
+
+    def remove_log(self):
+        if self.log_path and os.path.exists(self.log_path):
+            os.remove(self.log_path)
 
     def status(self):
         if self.proc is None:
@@ -334,10 +320,8 @@ class TrainRun:
         with open(self.log_path, 'rb') as f:
             f.seek(offset)
             data = f.read(limit)
-        if status['running'] or len(data) == limit:
-            end = data.rfind(b'\n') + 1
-            if end > 0 or len(data) < limit:
-                data = data[:end]
+        if status['running'] and b'\n' in data:
+            data = data[:data.rfind(b'\n') + 1]
         return dict(status, text=data.decode('utf-8', errors='replace'), offset=offset + len(data))
 
 
@@ -422,19 +406,16 @@ def refuse_constant(name):
 # -----------------------------------------------------------------------------
 # HTTP
 
-ROUTES = {'/': {'GET': 'page'}, '/health': {'GET': 'health'}, '/v1/models': {'GET': 'models'},
-          '/v1/completions': {'POST': 'completions'}, '/v1/chat/completions': {'POST': 'chat_completions'},
-          '/api/model': {'GET': 'model_info'}, '/api/model/load': {'POST': 'model_load'},
-          '/api/train/configs': {'GET': 'train_configs'}, '/api/train/start': {'POST': 'train_start'},
-          '/api/train/stop': {'POST': 'train_stop'}, '/api/train/status': {'GET': 'train_status'},
-          '/api/train/log': {'GET': 'train_log'}}
-open_requests, counter_lock = 0, threading.Lock()  # requests being answered, so an exit can wait for them
-
-
 class Handler(BaseHTTPRequestHandler):
     server_version = 'nanoGPT-serve'
     timeout = 60  # seconds a single read or write may stall
     # HTTP/1.0: one request per connection, and a stream simply ends when the connection closes
+    routes = {'/': {'GET': 'page'}, '/health': {'GET': 'health'}, '/v1/models': {'GET': 'models'},
+              '/v1/completions': {'POST': 'completions'}, '/v1/chat/completions': {'POST': 'chat_completions'},
+              '/api/model': {'GET': 'model_info'}, '/api/model/load': {'POST': 'model_load'},
+              '/api/train/configs': {'GET': 'train_configs'}, '/api/train/start': {'POST': 'train_start'},
+              '/api/train/stop': {'POST': 'train_stop'}, '/api/train/status': {'GET': 'train_status'},
+              '/api/train/log': {'GET': 'train_log'}}
 
     def setup(self):
         super().setup()
@@ -462,20 +443,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(code, APIError(message or self.responses.get(code, ('error',))[0], status=code).body())
 
     def handle_method(self, method):
-        global open_requests
-        self.headers_sent, methods = False, {}
-        with counter_lock:
-            open_requests += 1
+        self.headers_sent, url = False, urllib.parse.urlsplit(self.path)
+        methods = self.routes.get(url.path, {})
         try:
-            url = urllib.parse.urlsplit(self.path)
-            methods = ROUTES.get(url.path, {})
             if not methods:
                 raise APIError(f"unknown path: {method} {url.path}", status=404, code='not_found')
             if method not in methods:
                 raise APIError(f"{method} is not allowed on {url.path}", status=405, code='method_not_allowed')
             if api_key and url.path.startswith(('/v1/', '/api/')) and not hmac.compare_digest(
                     self.headers.get('Authorization', '').encode(), f'Bearer {api_key}'.encode()):
-                raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, code='invalid_api_key')
+                raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401,
+                               code='invalid_api_key')
             body = self.read_body()
             self.deadline.cancel()
             result = getattr(self, methods[method])(url, body)
@@ -491,9 +469,6 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             if not self.headers_sent:
                 self.send_json(500, server_error("internal server error").body())
-        finally:
-            with counter_lock:
-                open_requests -= 1
 
     def read_body(self):
         if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
@@ -502,7 +477,8 @@ class Handler(BaseHTTPRequestHandler):
         if not length.isdigit():
             raise APIError("invalid Content-Length")
         if int(length) > max_body_bytes:
-            raise APIError(f"the body is {length} bytes; the limit is {max_body_bytes}", status=413, code='request_too_large')
+            raise APIError(f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
+                           code='request_too_large')
         body = self.rfile.read(int(length))
         if len(body) < int(length):
             raise APIError(f"the body did not arrive within {request_timeout} seconds", status=408, code='timeout')
@@ -535,8 +511,9 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 return request.events.get(timeout=0.25)
             except queue.Empty:
-                try:
-                    gone = select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK)
+                try:  # select first: a recv on this socket would wait for its timeout
+                    gone = bool(select.select([self.connection], [], [], 0)[0]) and \
+                        self.connection.recv(1, socket.MSG_PEEK) == b''
                 except (OSError, ValueError):
                     gone = True
                 if gone:
@@ -550,8 +527,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, f.read(), [('Cache-Control', 'no-store')], 'text/html; charset=utf-8')
 
     def health(self, url, body):
-        return {'status': 'ok', 'model': worker.loaded.name, 'auth': bool(api_key),
-                'max_tokens_limit': max_tokens_limit, **worker.status()}
+        return dict(worker.status(), status='ok', model=worker.loaded.name, auth=bool(api_key),
+                    max_tokens_limit=max_tokens_limit)
 
     def models(self, url, body):
         loaded = worker.loaded
@@ -564,17 +541,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def model_load(self, url, body):
         new_out_dir = self.json_object(body).get('out_dir')
-        if not (isinstance(new_out_dir, str) and new_out_dir):
-            raise APIError("'out_dir' must name a directory with a ckpt.pt", 'out_dir')
-        if not os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')):
-            raise APIError(f"no checkpoint at {os.path.join(new_out_dir, 'ckpt.pt')}", 'out_dir', 404, 'not_found')
+        if not isinstance(new_out_dir, str) or not os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')):
+            raise APIError(f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir',
+                           *((404, 'not_found') if isinstance(new_out_dir, str) else ()))
         with load_lock:  # one load at a time
             try:
-                loaded = Loaded('resume', new_out_dir, worker.loaded.version + 1)
+                loaded = Loaded('resume', new_out_dir)
             except (ValueError, OSError) as e:
                 raise APIError(f"could not load the model: {e}", 'out_dir')
             done = threading.Event()
-            worker.submit(None, load=(loaded, done))
+            worker.submit(load=(loaded, done))
             done.wait()
         return loaded.describe()
 
@@ -624,7 +600,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.generate(loaded, [ids], row, how, how['stop'] + stop, chat=True, echo=None)
 
     def generate(self, loaded, prompts, row, how, stop, chat, echo):
-        request = Request(loaded.version, make_rows(prompts, row, how['n'], loaded.tokenizer), stop)
+        request = Request(loaded, make_rows(prompts, row, how['n'], loaded.tokenizer), stop)
         worker.submit(request)
         n_choices, stream = len(prompts) * how['n'], how['stream']
         meta = dict(id=('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, created=int(time.time()),
@@ -642,8 +618,8 @@ class Handler(BaseHTTPRequestHandler):
             delta = {'role': 'assistant', 'content': ''} if role else ({'content': text} if text else {})
             return dict(index=i, delta=delta, logprobs=None, finish_reason=finish_reason)
 
-        def send(*choices, **extra):
-            self.wfile.write(b'data: ' + json.dumps(dict(meta, choices=list(choices), **extra)).encode() + b'\n\n')
+        def send(obj):
+            self.wfile.write(b'data: ' + json.dumps(obj).encode() + b'\n\n')
 
         if stream:
             self.send_response(200)
@@ -653,7 +629,7 @@ class Handler(BaseHTTPRequestHandler):
             self.headers_sent = True
             for i in range(n_choices):
                 if chat or echo:
-                    send(choice(i, texts[i], role=chat))
+                    send(dict(meta, choices=[choice(i, texts[i], role=chat)]))
         try:
             while None in reasons:
                 event = self.next_event(request)
@@ -662,24 +638,24 @@ class Handler(BaseHTTPRequestHandler):
                 if event[0] == 'error':
                     if not stream:
                         raise event[1]
-                    self.wfile.write(b'data: ' + json.dumps(event[1].body()).encode() + b'\n\n')
+                    send(event[1].body())
                     break
                 i = event[1]
                 if event[0] == 'text':
                     piece = event[2].lstrip() if chat and not texts[i] else event[2]  # after "Assistant:"
                     texts[i] += piece
                     if stream and piece:
-                        send(choice(i, piece))
+                        send(dict(meta, choices=[choice(i, piece)]))
                 else:
                     reasons[i] = event[2]
                     usage['completion_tokens'] += event[3]
                     if stream:
-                        send(choice(i, finish_reason=event[2]))
+                        send(dict(meta, choices=[choice(i, finish_reason=event[2])]))
             usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
             if not stream:
                 return dict(meta, choices=[choice(i, texts[i], reasons[i]) for i in range(n_choices)], usage=usage)
             if None not in reasons and how['include_usage']:
-                send(usage=usage)
+                send(dict(meta, choices=[], usage=usage))
             self.wfile.write(b'data: [DONE]\n\n')
         except OSError:  # BrokenPipeError, ConnectionResetError, a timed-out write: the client has gone
             request.cancelled = True
@@ -687,7 +663,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: a burst of clients waits in the kernel, not refused
-    daemon_threads = True
+    daemon_threads = False  # server_close() waits for the HTTP threads to write their last chunk
 
 
 def main():
@@ -695,7 +671,7 @@ def main():
     if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1:
         sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout must be >= 1")
     try:
-        loaded = Loaded(init_from, out_dir, version=0)
+        loaded = Loaded(init_from, out_dir)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     worker, trainer, load_lock = Worker(loaded), TrainRun(), threading.Lock()
@@ -706,7 +682,6 @@ def main():
         sys.exit(f"error: cannot listen on {host}:{port}: {e}")
     if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
         print("warning: listening beyond this machine without an api_key", file=sys.stderr)
-
     # Ctrl-C and SIGTERM: stop accepting, end the open streams, stop a training run, exit 0
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -717,14 +692,10 @@ def main():
     stop.wait()
     print("shutting down", flush=True)
     server.shutdown()
-    server.server_close()
     worker.close()
     trainer.stop()
-    deadline = time.time() + 5  # give the HTTP threads a moment to write the last chunk of their streams
-    while open_requests and time.time() < deadline:
-        time.sleep(0.05)
-    if trainer.log_dir:
-        shutil.rmtree(trainer.log_dir, ignore_errors=True)
+    trainer.remove_log()
+    server.server_close()
 
 
 if __name__ == '__main__':

@@ -376,7 +376,7 @@ def test_64_concurrent_streams_each_complete_or_get_429(server):
                                                                  'seed': i}), {'Content-Type': 'application/json'})
             response = conn.getresponse()
             body = response.read().decode()
-            results[i] = 429 if response.status == 429 else ('ok' if body.endswith('data: [DONE]\n\n') else body)
+            results[i] = 429 if response.status == 429 else ('ok' if body.endswith('data: [DONE]\n\n') else (response.status, body))
         except Exception as e:
             results[i] = repr(e)
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(64)]
@@ -584,7 +584,7 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
     the text they get alone."""
     import engine as engine_module
     import serve
-    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out-worker'), version=0)
+    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out-worker'))
     ids = {c: CHARS.index(c) for c in 'QZ!?'}
     hidden_states = loaded.model.hidden_states
 
@@ -611,7 +611,7 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
         body = dict(dict(max_tokens=30, temperature=0.8, seed=7), **body)
         body['logit_bias'] = {str(i): -100 for i in ids.values()} | body.get('logit_bias', {})
         row, how = serve.read_settings(body, 16)
-        return serve.Request(0, serve.make_rows([loaded.tokenizer.encode_prompt(prompt)], row, how['n'],
+        return serve.Request(loaded, serve.make_rows([loaded.tokenizer.encode_prompt(prompt)], row, how['n'],
                                                 loaded.tokenizer), how['stop'])
 
     def answer(r):
