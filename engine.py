@@ -46,20 +46,25 @@ class Row:
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, stop_tokens=(),
                  logprobs=None):
-        checks = [('max_tokens', max_tokens >= 0, ">= 0"), ('temperature', temperature >= 0, ">= 0"),
-                  ('top_k', top_k >= 0, ">= 0 (0 means no limit)"), ('top_p', 0 < top_p <= 1, "in (0, 1]"),
-                  ('repetition_penalty', repetition_penalty > 0, "> 0"),
-                  ('presence_penalty', -2 <= presence_penalty <= 2, "between -2 and 2"),
-                  ('frequency_penalty', -2 <= frequency_penalty <= 2, "between -2 and 2"),
-                  ('logprobs', logprobs is None or 0 <= logprobs <= 20, "between 0 and 20")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise SettingError(name, f"'{name}' must be {rule}, not {locals()[name]!r}")
+        positive = ('top_p', 'repetition_penalty')  # these may not be 0 itself
+        for name, value, kind, lo, hi in [  # a bool is no number here; an int is a float
+                ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, None),
+                ('top_k', top_k, int, 0, None), ('top_p', top_p, float, 0, 1),
+                ('repetition_penalty', repetition_penalty, float, 0, None), ('seed', seed, int, 0, None),
+                ('presence_penalty', presence_penalty, float, -2, 2), ('frequency_penalty', frequency_penalty, float, -2, 2),
+                ('logprobs', logprobs, int, 0, 20)]:
+            if value is None and name in ('seed', 'logprobs'):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise SettingError(name, f"'{name}' must be {'a number' if kind is float else 'an integer'}, not {value!r}")
+            if not lo <= value or (value == lo and name in positive) or (hi is not None and value > hi):  # NaN too
+                rule = f"{'>' if name in positive else '>='} {lo}" + (f" and <= {hi}" if hi is not None else '')
+                raise SettingError(name, f"'{name}' must be {rule}, not {value!r}")
         if not prompt:
             raise SettingError('prompt', "the prompt is empty")
-        for token, value in (logit_bias or {}).items():
-            if not -100 <= value <= 100:
-                raise SettingError('logit_bias', f"logit_bias values must be between -100 and 100, not {value!r}")
+        if not isinstance(logit_bias or {}, dict) or not all(
+                isinstance(k, int) and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in (logit_bias or {}).items()):
+            raise SettingError('logit_bias', f"logit_bias must map token ids to values between -100 and 100, not {logit_bias!r}")
         self.prompt, self.max_tokens = list(prompt), max_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.penalties = (repetition_penalty, presence_penalty, frequency_penalty)
@@ -259,16 +264,29 @@ class Engine:
                                setting('top_p', torch.float), torch.tensor(draws, device=self.device))
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if wanted:
-            # the model's own distribution: log-softmax at temperature 1, before any filter
-            logprobs = logits[wanted].clone()
-            logprobs[:, self.vocab_size:] = float('-inf')
-            logprobs = logprobs.log_softmax(-1)
-            picked = logprobs.gather(1, tokens[wanted][:, None])[:, 0].tolist()
-            top = logprobs.topk(max(rows[i].logprobs for i in wanted) or 1)
-            for j, i in enumerate(wanted):
-                n = rows[i].logprobs
-                rows[i].token_logprobs.append((picked[j], list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()))))
+            entries = self._logprobs(logits[wanted], tokens[wanted], max(rows[i].logprobs for i in wanted))
+            for i, (logprob, top) in zip(wanted, entries):
+                rows[i].token_logprobs.append((logprob, top[:rows[i].logprobs]))
         return tokens
+
+    def _logprobs(self, logits, tokens, n):
+        """(log probability of each row's token, its n most likely alternatives as [(id, logprob)]):
+        the model's own distribution, log-softmax at temperature 1 before any sampling filter."""
+        logprobs = logits.float().clone()
+        logprobs[:, self.vocab_size:] = float('-inf')
+        logprobs = logprobs.log_softmax(-1)
+        picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        top = logprobs.topk(max(n, 1))
+        return [(p, list(zip(i[:n], v[:n]))) for p, i, v in zip(picked, top.indices.tolist(), top.values.tolist())]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt, n):
+        """The logprobs entries of a prompt's own tokens, each given those before it: None for the
+        first, and for any before the last block_size tokens (the prompt is cropped, as always)."""
+        ids = prompt[-self.window:]
+        x = self.model.hidden_states(torch.tensor([ids], device=self.device))
+        entries = self._logprobs(self.model.logits(x[0, :-1]), torch.tensor(ids[1:], device=self.device), n)
+        return [None] * (len(prompt) - len(ids) + 1) + entries
 
     def _append(self, row, token):
         row.tokens.append(token)

@@ -99,10 +99,12 @@ class Loaded:
 class Request:
     """One API call: rows[i] are the n engine rows (the "choices") of prompt i, made and checked
     by the HTTP thread for the model `loaded`. The worker reports through `events`:
-    ('text', choice, piece), ('done', choice, finish_reason, n_tokens) or ('error', APIError)."""
+    ('text', choice, piece, logprobs), ('done', choice, finish_reason, n_tokens), ('error', APIError),
+    and with score_prompt first ('prompt', choice, logprobs of the prompt's tokens). logprobs are
+    [(token, logprob, [(id, logprob) of the top alternatives]), ...]."""
 
-    def __init__(self, loaded, rows, stop):
-        self.loaded, self.rows, self.stop = loaded, rows, stop
+    def __init__(self, loaded, rows, stop, score_prompt=False):
+        self.loaded, self.rows, self.stop, self.score_prompt = loaded, rows, stop, score_prompt
         self.events = queue.Queue()
         self.cancelled = False  # set by the HTTP thread when its client has gone
 
@@ -201,7 +203,16 @@ class Worker:
             try:
                 if request.loaded is not self.loaded:  # tokenized for a model that is gone
                     raise server_error("the model was replaced; send the request again", 'model_replaced', 503)
-                self.engine.add(rows)
+                if request.score_prompt:  # echo with logprobs: the prompt's own tokens come first
+                    scored = self.engine.prompt_logprobs(rows[0].prompt, rows[0].logprobs)
+                    for row in rows:
+                        request.events.put(('prompt', row.choice, [(t, *(e or (None, None))) for t, e in
+                                                                   zip(row.prompt, scored)]))
+                if rows[0].max_tokens == 0:  # only the prompt was asked for
+                    for row in rows:
+                        request.events.put(('done', row.choice, 'length', 0))
+                else:
+                    self.engine.add(rows)
             except APIError as e:
                 self.fail(request, e)
             except SettingError as e:
@@ -226,8 +237,10 @@ class Worker:
                 failed.add(request)
                 continue
             self.stats['generated_tokens'] += 1
-            if piece:
-                request.events.put(('text', row.choice, piece))
+            token = row.tokens[-1]
+            logprobs = [(token, *row.token_logprobs[-1])] if row.logprobs is not None and token not in row.stop_tokens else []
+            if piece or logprobs:
+                request.events.put(('text', row.choice, piece, logprobs))
             if row.finish_reason:
                 reason = 'stop' if row.finish_reason == 'stop' else 'length'
                 request.events.put(('done', row.choice, reason, len(row.tokens)))
@@ -314,7 +327,9 @@ class TrainRun:
 
     def read_log(self, offset, limit=1 << 16):
         """Log text from byte `offset` on. While the run goes on, only whole lines."""
-        status = self.status()
+        if not offset.isdigit():
+            raise APIError("'offset' must be a non-negative integer", 'offset')
+        offset, status = int(offset), self.status()
         if self.proc is None:
             return dict(status, text='', offset=0)
         with open(self.log_path, 'rb') as f:
@@ -328,56 +343,48 @@ class TrainRun:
 # -----------------------------------------------------------------------------
 # Reading the requests
 
-def field(body, name, kinds, default, lo=None, hi=None):
-    """body[name], of one of `kinds` (a bool is never a number), within [lo, hi]; absent or null: default."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) is not (kinds == (bool,)) or not isinstance(value, kinds):
-        raise APIError(f"'{name}' must be {' or '.join(k.__name__ for k in kinds)}, not {value!r}", name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise APIError(f"'{name}' must be between {lo} and {hi}, not {value!r}", name)
-    return value
+ROW_SETTINGS = ('max_tokens', 'temperature', 'top_p', 'top_k', 'repetition_penalty', 'presence_penalty',
+                'frequency_penalty', 'seed', 'logit_bias')
 
 
-def read_settings(body, default_max_tokens):
-    """The sampling fields of completions and chat: Row's keyword arguments, checked against the
-    server's limits here and against Row's rules when the rows are made. Fields this server does
-    not know are ignored, as OpenAI's server ignores them."""
-    number = (int, float)
-    stop = body.get('stop') or []
+def flag(body, name):
+    if body.get(name) not in (None, True, False):
+        raise APIError(f"'{name}' must be true or false, not {body[name]!r}", name)
+    return bool(body.get(name))
+
+
+def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False):
+    """The engine rows of a completion or chat request, n per prompt (the seed of choice c is
+    seed + c, so each samples on its own), and how to answer. Row checks the sampling settings;
+    fields this server does not know are ignored, as OpenAI's server ignores them. logprobs:
+    completions take 0..5 alternatives, chat takes logprobs=true and top_logprobs 0..20."""
+    row = {k: body[k] for k in ROW_SETTINGS if body.get(k) is not None}
+    row.setdefault('max_tokens', body.get('max_completion_tokens') or min(default_max_tokens, max_tokens_limit))
+    row['logprobs'] = (body.get('top_logprobs') or 0 if flag(body, 'logprobs') else None) if chat else body.get('logprobs')
+    if not chat and row['logprobs'] not in (None, 0, 1, 2, 3, 4, 5) or isinstance(row['logprobs'], bool):
+        raise APIError(f"'logprobs' must be an integer between 0 and 5, not {row['logprobs']!r}", 'logprobs')
+    bias = row.get('logit_bias', {})
+    if not (isinstance(bias, dict) and all(re.fullmatch(r'\d{1,9}', k) and int(k) < tokenizer.n_vocab for k in bias)):
+        raise APIError(f"'logit_bias' must map token ids (0..{tokenizer.n_vocab - 1}, as strings) to numbers", 'logit_bias')
+    row['logit_bias'] = {int(k): v for k, v in bias.items()}
+    n, stop, options = body.get('n', 1), body.get('stop') or [], body.get('stream_options') or {}
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_batch_size:
+        raise APIError(f"'n' must be an integer between 1 and {max_batch_size}, not {n!r}", 'n')
     stop = [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > MAX_STOP:
         raise APIError(f"'stop' must be a string or a list of at most {MAX_STOP} strings", 'stop')
-    bias = body.get('logit_bias') or {}
-    if not (isinstance(bias, dict) and all(re.fullmatch(r'\d{1,9}', k) for k in bias)
-            and all(isinstance(v, number) and not isinstance(v, bool) for v in bias.values())):
-        raise APIError("'logit_bias' must map token ids (as strings) to numbers", 'logit_bias')
-    options = body.get('stream_options') or {}
     if not isinstance(options, dict):
         raise APIError("'stream_options' must be an object", 'stream_options')
-    max_tokens = field(body, 'max_completion_tokens', (int,), min(default_max_tokens, max_tokens_limit))
-    row = dict(max_tokens=field(body, 'max_tokens', (int,), max_tokens, 1, max_tokens_limit),
-               temperature=field(body, 'temperature', number, 1.0, 0, 100), top_p=field(body, 'top_p', number, 1.0),
-               top_k=field(body, 'top_k', (int,), 0), repetition_penalty=field(body, 'repetition_penalty', number, 1.0),
-               presence_penalty=field(body, 'presence_penalty', number, 0.0),
-               frequency_penalty=field(body, 'frequency_penalty', number, 0.0),
-               seed=field(body, 'seed', (int,), None, 0, 2 ** 62), logit_bias={int(k): v for k, v in bias.items()})
-    return row, dict(n=field(body, 'n', (int,), 1, 1, max_batch_size), stop=stop,
-                     stream=field(body, 'stream', (bool,), False),
-                     include_usage=field(options, 'include_usage', (bool,), False))
-
-
-def make_rows(prompts, row, n, tokenizer):
-    """n engine rows per prompt; the seed of choice c is seed + c, so each samples on its own."""
-    seed, stop_tokens = row.pop('seed'), stop_tokens_of(tokenizer)
-    if any(token >= tokenizer.n_vocab for token in row['logit_bias']):
-        raise APIError(f"logit_bias names a token id past the vocabulary (0..{tokenizer.n_vocab - 1})", 'logit_bias')
+    seed = row.pop('seed', None)
     try:
-        return [[Row(p, **row, seed=None if seed is None else seed + i * n + j, stop_tokens=stop_tokens)
+        rows = [[Row(p, **row, seed=seed if seed is None else seed + i * n + j, stop_tokens=stop_tokens_of(tokenizer))
                  for j in range(n)] for i, p in enumerate(prompts)]
     except SettingError as e:
         raise APIError(str(e), e.name)
+    if not (0 if echo else 1) <= row['max_tokens'] <= max_tokens_limit:  # 0 with echo: score the prompt only
+        raise APIError(f"'max_tokens' must be between 1 and {max_tokens_limit}, not {row['max_tokens']}", 'max_tokens')
+    return rows, dict(n=n, stop=stop, stream=flag(body, 'stream'), include_usage=flag(options, 'include_usage'),
+                      logprobs=row['logprobs'])
 
 
 def chat_messages(messages):
@@ -410,12 +417,6 @@ class Handler(BaseHTTPRequestHandler):
     server_version = 'nanoGPT-serve'
     timeout = 60  # seconds a single read or write may stall
     # HTTP/1.0: one request per connection, and a stream simply ends when the connection closes
-    routes = {'/': {'GET': 'page'}, '/health': {'GET': 'health'}, '/v1/models': {'GET': 'models'},
-              '/v1/completions': {'POST': 'completions'}, '/v1/chat/completions': {'POST': 'chat_completions'},
-              '/api/model': {'GET': 'model_info'}, '/api/model/load': {'POST': 'model_load'},
-              '/api/train/configs': {'GET': 'train_configs'}, '/api/train/start': {'POST': 'train_start'},
-              '/api/train/stop': {'POST': 'train_stop'}, '/api/train/status': {'GET': 'train_status'},
-              '/api/train/log': {'GET': 'train_log'}}
 
     def setup(self):
         super().setup()
@@ -442,13 +443,35 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_json(code, APIError(message or self.responses.get(code, ('error',))[0], status=code).body())
 
+    def routes(self, query, body):
+        """(method, path) -> a function giving the JSON answer, or None when it answered itself."""
+        json_body = lambda: self.json_object(body)  # noqa: E731
+        return {
+            ('GET', '/'): self.page,
+            ('GET', '/health'): lambda: dict(worker.status(), status='ok', model=worker.loaded.name,
+                                             auth=bool(api_key), max_tokens_limit=max_tokens_limit),
+            ('GET', '/v1/models'): lambda: {'object': 'list', 'data': [dict(
+                id=worker.loaded.name, object='model', created=worker.loaded.created, owned_by='nanogpt')]},
+            ('POST', '/v1/completions'): lambda: self.completions(json_body()),
+            ('POST', '/v1/chat/completions'): lambda: self.chat_completions(json_body()),
+            ('GET', '/api/model'): lambda: dict(worker.loaded.describe(), batch=worker.status(),
+                                                max_tokens_limit=max_tokens_limit, training=trainer.status()),
+            ('POST', '/api/model/load'): lambda: self.model_load(json_body().get('out_dir')),
+            ('GET', '/api/train/configs'): lambda: {'configs': trainer.configs()},
+            ('POST', '/api/train/start'): lambda: trainer.start(json_body().get('config'),
+                                                                json_body().get('overrides') or []),
+            ('POST', '/api/train/stop'): trainer.stop,
+            ('GET', '/api/train/status'): trainer.status,
+            ('GET', '/api/train/log'): lambda: trainer.read_log(query.get('offset', ['0'])[0]),
+        }
+
     def handle_method(self, method):
         self.headers_sent, url = False, urllib.parse.urlsplit(self.path)
-        methods = self.routes.get(url.path, {})
+        allowed = [m for m, path in self.routes({}, b'') if path == url.path]
         try:
-            if not methods:
+            if not allowed:
                 raise APIError(f"unknown path: {method} {url.path}", status=404, code='not_found')
-            if method not in methods:
+            if method not in allowed:
                 raise APIError(f"{method} is not allowed on {url.path}", status=405, code='method_not_allowed')
             if api_key and url.path.startswith(('/v1/', '/api/')) and not hmac.compare_digest(
                     self.headers.get('Authorization', '').encode(), f'Bearer {api_key}'.encode()):
@@ -456,13 +479,13 @@ class Handler(BaseHTTPRequestHandler):
                                code='invalid_api_key')
             body = self.read_body()
             self.deadline.cancel()
-            result = getattr(self, methods[method])(url, body)
+            result = self.routes(urllib.parse.parse_qs(url.query), body)[method, url.path]()
             if result is not None:
                 self.send_json(200, result)
         except APIError as e:
             if not self.headers_sent:
                 self.close_connection = True
-                self.send_json(e.status, e.body(), [('Allow', ', '.join(methods))] if e.status == 405 else [])
+                self.send_json(e.status, e.body(), [('Allow', ', '.join(allowed))] if e.status == 405 else [])
         except OSError:
             pass  # the client went away, or stopped reading
         except Exception:
@@ -520,27 +543,11 @@ class Handler(BaseHTTPRequestHandler):
                     request.cancelled = True
                     return None
 
-    # --- routes: each returns the JSON to answer with, or None when it has answered itself ---
-
-    def page(self, url, body):
+    def page(self):
         with open(os.path.join(HERE, 'templates', 'index.html'), 'rb') as f:
             self.send_json(200, f.read(), [('Cache-Control', 'no-store')], 'text/html; charset=utf-8')
 
-    def health(self, url, body):
-        return dict(worker.status(), status='ok', model=worker.loaded.name, auth=bool(api_key),
-                    max_tokens_limit=max_tokens_limit)
-
-    def models(self, url, body):
-        loaded = worker.loaded
-        return {'object': 'list', 'data': [{'id': loaded.name, 'object': 'model', 'created': loaded.created,
-                                            'owned_by': 'nanogpt'}]}
-
-    def model_info(self, url, body):
-        return dict(worker.loaded.describe(), batch=worker.status(), max_tokens_limit=max_tokens_limit,
-                    training=trainer.status())
-
-    def model_load(self, url, body):
-        new_out_dir = self.json_object(body).get('out_dir')
+    def model_load(self, new_out_dir):
         if not isinstance(new_out_dir, str) or not os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')):
             raise APIError(f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir',
                            *((404, 'not_found') if isinstance(new_out_dir, str) else ()))
@@ -554,69 +561,68 @@ class Handler(BaseHTTPRequestHandler):
             done.wait()
         return loaded.describe()
 
-    def train_configs(self, url, body):
-        return {'configs': trainer.configs()}
-
-    def train_start(self, url, body):
-        body = self.json_object(body)
-        return trainer.start(body.get('config'), body.get('overrides') or [])
-
-    def train_stop(self, url, body):
-        return trainer.stop()
-
-    def train_status(self, url, body):
-        return trainer.status()
-
-    def train_log(self, url, body):
-        offset = urllib.parse.parse_qs(url.query).get('offset', ['0'])[0]
-        if not offset.isdigit():
-            raise APIError("'offset' must be a non-negative integer", 'offset')
-        return trainer.read_log(int(offset))
-
-    def completions(self, url, body):
-        body = self.json_object(body)
-        row, how = read_settings(body, default_max_tokens=16)  # OpenAI's default for completions
-        prompt = body.get('prompt')
-        prompts = [prompt] if isinstance(prompt, str) else prompt
+    def completions(self, body):
+        prompt, loaded = body.get('prompt'), worker.loaded
+        is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)  # noqa: E731
+        prompts = [prompt] if isinstance(prompt, str) or is_ids(prompt) else prompt
         if not (isinstance(prompts, list) and 0 < len(prompts) <= max_batch_size
-                and all(isinstance(p, str) for p in prompts)):
-            raise APIError(f"'prompt' must be a string or a list of 1 to {max_batch_size} strings", 'prompt')
-        loaded = worker.loaded
+                and all(isinstance(p, str) or is_ids(p) for p in prompts)):
+            raise APIError(f"'prompt' must be a string, a list of token ids, or a list of 1 to {max_batch_size} "
+                           f"of either", 'prompt')
         try:
-            ids = [loaded.tokenizer.encode_prompt(p) for p in prompts]
+            ids = [loaded.tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
         except ValueError as e:  # e.g. a character a char-level model has never seen
             raise APIError(str(e), 'prompt')
-        echo = prompts if field(body, 'echo', (bool,), False) else None
-        return self.generate(loaded, ids, row, how, how['stop'], chat=False, echo=echo)
+        if any(not 0 <= t < loaded.tokenizer.n_vocab for p in ids for t in p):
+            raise APIError(f"prompt token ids must be in 0..{loaded.tokenizer.n_vocab - 1}", 'prompt')
+        echo = flag(body, 'echo')
+        rows, how = read_request(body, ids, loaded.tokenizer, default_max_tokens=16, chat=False, echo=echo)
+        texts = [p if isinstance(p, str) else loaded.tokenizer.decode(p) for p in prompts]
+        return self.generate(loaded, rows, how, how['stop'], chat=False, echo=texts if echo else None)
 
-    def chat_completions(self, url, body):
-        body = self.json_object(body)
-        row, how = read_settings(body, default_max_tokens=256)
+    def chat_completions(self, body):
         loaded = worker.loaded
         try:
             ids, stop = render_chat(loaded.tokenizer, chat_messages(body.get('messages')))
         except ValueError as e:
             raise APIError(str(e), 'messages')
-        return self.generate(loaded, [ids], row, how, how['stop'] + stop, chat=True, echo=None)
+        rows, how = read_request(body, [ids], loaded.tokenizer, default_max_tokens=256, chat=True)
+        return self.generate(loaded, rows, how, how['stop'] + stop, chat=True, echo=None)
 
-    def generate(self, loaded, prompts, row, how, stop, chat, echo):
-        request = Request(loaded, make_rows(prompts, row, how['n'], loaded.tokenizer), stop)
+    def logprobs_json(self, entries, chat, offset=0):
+        """OpenAI's logprobs object for [(token, logprob, top)]: the chat form, or the completions
+        form (with text_offset, counted from `offset`)."""
+        text = lambda t: self.tokenizer.token_bytes([t]).decode('utf-8', errors='replace')  # noqa: E731
+        if chat:
+            entry = lambda t, lp: dict(token=text(t), logprob=lp, bytes=list(self.tokenizer.token_bytes([t])))  # noqa: E731
+            return {'content': [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top]) for t, lp, top in entries]}
+        tokens = [text(t) for t, _, _ in entries]
+        offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        return dict(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries], text_offset=offsets,
+                    top_logprobs=[None if top is None else {text(a): b for a, b in top} for _, _, top in entries])
+
+    def generate(self, loaded, rows, how, stop, chat, echo):
+        request = Request(loaded, rows, stop, score_prompt=bool(echo) and how['logprobs'] is not None)
         worker.submit(request)
-        n_choices, stream = len(prompts) * how['n'], how['stream']
+        self.tokenizer = loaded.tokenizer
+        n_choices, stream, want_logprobs = len(rows) * how['n'], how['stream'], how['logprobs'] is not None
         meta = dict(id=('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, created=int(time.time()),
                     model=loaded.name, object=('chat.completion' if chat else 'text_completion') +
                     ('.chunk' if chat and stream else ''))
         texts = [echo[i // how['n']] if echo else '' for i in range(n_choices)]
-        reasons, usage = [None] * n_choices, dict(prompt_tokens=sum(len(p) for p in prompts), completion_tokens=0)
+        offsets = [0 if echo else len(loaded.tokenizer.decode(rows[i // how['n']][0].prompt)) for i in range(n_choices)]
+        logprobs, reasons = [[] for _ in range(n_choices)], [None] * n_choices
+        usage = dict(prompt_tokens=sum(len(r[0].prompt) for r in rows), completion_tokens=0)
 
-        def choice(i, text=None, finish_reason=None, role=False):
+        def choice(i, text=None, finish_reason=None, role=False, entries=(), offset=0):
+            lp = self.logprobs_json(entries, chat, offset) if want_logprobs and not role else None
             if not chat:
-                return dict(index=i, text=text or '', logprobs=None, finish_reason=finish_reason)
+                return dict(index=i, text=text or '', logprobs=lp, finish_reason=finish_reason)
             if not stream:
-                return dict(index=i, message=dict(role='assistant', content=text), logprobs=None,
+                return dict(index=i, message=dict(role='assistant', content=text), logprobs=lp,
                             finish_reason=finish_reason)
             delta = {'role': 'assistant', 'content': ''} if role else ({'content': text} if text else {})
-            return dict(index=i, delta=delta, logprobs=None, finish_reason=finish_reason)
+            return dict(index=i, delta=delta, logprobs=lp, finish_reason=finish_reason)
 
         def send(obj):
             self.wfile.write(b'data: ' + json.dumps(obj).encode() + b'\n\n')
@@ -628,7 +634,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.headers_sent = True
             for i in range(n_choices):
-                if chat or echo:
+                if chat or (echo and not request.score_prompt):  # a scored prompt comes with its logprobs
                     send(dict(meta, choices=[choice(i, texts[i], role=chat)]))
         try:
             while None in reasons:
@@ -641,11 +647,16 @@ class Handler(BaseHTTPRequestHandler):
                     send(event[1].body())
                     break
                 i = event[1]
-                if event[0] == 'text':
-                    piece = event[2].lstrip() if chat and not texts[i] else event[2]  # after "Assistant:"
-                    texts[i] += piece
-                    if stream and piece:
-                        send(dict(meta, choices=[choice(i, piece)]))
+                if event[0] in ('text', 'prompt'):
+                    if event[0] == 'prompt':  # echo with logprobs: the prompt's text and tokens come first
+                        piece, entries = texts[i], event[2]
+                    else:
+                        piece, entries = event[2].lstrip() if chat and not texts[i] else event[2], event[3]
+                        texts[i] += piece  # a chat reply starts after "Assistant:" without its space
+                    logprobs[i] += entries
+                    if stream:
+                        send(dict(meta, choices=[choice(i, piece, entries=entries, offset=offsets[i])]))
+                        offsets[i] += len(piece)  # a chunk's text_offset continues the one before
                 else:
                     reasons[i] = event[2]
                     usage['completion_tokens'] += event[3]
@@ -653,7 +664,8 @@ class Handler(BaseHTTPRequestHandler):
                         send(dict(meta, choices=[choice(i, finish_reason=event[2])]))
             usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
             if not stream:
-                return dict(meta, choices=[choice(i, texts[i], reasons[i]) for i in range(n_choices)], usage=usage)
+                return dict(meta, usage=usage, choices=[choice(i, texts[i], reasons[i], entries=logprobs[i],
+                                                               offset=offsets[i]) for i in range(n_choices)])
             if None not in reasons and how['include_usage']:
                 send(dict(meta, choices=[], usage=usage))
             self.wfile.write(b'data: [DONE]\n\n')

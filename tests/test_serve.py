@@ -610,9 +610,8 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
     def request(prompt, **body):
         body = dict(dict(max_tokens=30, temperature=0.8, seed=7), **body)
         body['logit_bias'] = {str(i): -100 for i in ids.values()} | body.get('logit_bias', {})
-        row, how = serve.read_settings(body, 16)
-        return serve.Request(loaded, serve.make_rows([loaded.tokenizer.encode_prompt(prompt)], row, how['n'],
-                                                loaded.tokenizer), how['stop'])
+        rows, how = serve.read_request(body, [loaded.tokenizer.encode_prompt(prompt)], loaded.tokenizer, 16, chat=False)
+        return serve.Request(loaded, rows, how['stop'])
 
     def answer(r):
         texts, done = {}, set()
@@ -649,3 +648,69 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
         assert worker.status()['active_rows'] == 0 and worker.status()['failed'] == 4
     finally:
         worker.close()
+
+
+def reference_logprobs(out_dir, ids):
+    """log_softmax of the model's logits at every position of ids, computed directly."""
+    from sample import load_model
+    model, _, _ = load_model('resume', out_dir)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]), targets=torch.zeros(1, len(ids), dtype=torch.long))
+    return logits[0].log_softmax(-1)
+
+
+def test_logprobs_echo_and_token_prompts(server):
+    out_dir = raw(server, 'GET', '/api/model')[1]['out_dir']
+    ids = [CHARS.index(c) for c in 'the lazy']
+    c = client(server)
+    # generated tokens: their logprobs and top alternatives are the model's log-softmax
+    r = c.completions.create(model='x', prompt='the lazy', max_tokens=12, logprobs=3, temperature=0.9, seed=4)
+    lp = r.choices[0].logprobs
+    generated = [CHARS.index(ch) for ch in r.choices[0].text]
+    assert ''.join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 12
+    reference = reference_logprobs(out_dir, ids + generated)
+    for k, (token, value, top) in enumerate(zip(generated, lp.token_logprobs, lp.top_logprobs)):
+        expected = reference[len(ids) - 1 + k]
+        assert abs(value - expected[token].item()) < 1e-4
+        assert [CHARS.index(t) for t in top] == expected.topk(3).indices.tolist()
+        assert all(abs(v - expected[CHARS.index(t)].item()) < 1e-4 for t, v in top.items())
+    assert lp.text_offset == list(range(len(ids), len(ids) + 12))
+    # echo with max_tokens=0: the scoring call of evaluation harnesses; the first token has no logprob
+    r = c.completions.create(model='x', prompt='the lazy', max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == 'the lazy' and lp.tokens == list('the lazy') and lp.text_offset == list(range(8))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    reference = reference_logprobs(out_dir, ids)
+    assert all(abs(v - reference[k][ids[k + 1]].item()) < 1e-4 for k, v in enumerate(lp.token_logprobs[1:]))
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == 8
+    # the same, streamed: the prompt's chunk then the new tokens' chunks add up to the whole
+    chunks = list(c.completions.create(model='x', prompt='the lazy', max_tokens=5, echo=True, logprobs=1, seed=2,
+                                       stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    whole = c.completions.create(model='x', prompt='the lazy', max_tokens=5, echo=True, logprobs=1, seed=2)
+    assert streamed == whole.choices[0].logprobs.tokens and ''.join(streamed) == whole.choices[0].text
+    # token ids as the prompt, one or several: the same as their text
+    by_text = c.completions.create(model='x', prompt=['the lazy', 'dog'], max_tokens=10, temperature=0)
+    by_ids = c.completions.create(model='x', prompt=[ids, [CHARS.index(ch) for ch in 'dog']], max_tokens=10,
+                                  temperature=0)
+    assert [ch.text for ch in by_ids.choices] == [ch.text for ch in by_text.choices]
+    assert c.completions.create(model='x', prompt=ids, max_tokens=10, temperature=0).choices[0].text == \
+        by_text.choices[0].text
+    for bad in [[len(CHARS)], [[1, 2], [-1]], [1, 'a'], [[]]]:
+        assert raw(server, 'POST', '/v1/completions', {'prompt': bad})[0] == 400, bad
+    for bad in [{'logprobs': 6}, {'logprobs': True}, {'max_tokens': 0}]:
+        assert raw(server, 'POST', '/v1/completions', dict(prompt='a', **bad))[0] == 400, bad
+
+
+def test_chat_logprobs(server):
+    r = client(server).chat.completions.create(model='x', messages=[{'role': 'user', 'content': 'the fox?'}],
+                                               max_tokens=8, logprobs=True, top_logprobs=4, seed=3)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= 8
+    for entry in content:
+        assert len(entry.top_logprobs) == 4 and entry.logprob <= 0 and bytes(entry.bytes).decode() == entry.token
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+    assert ''.join(e.token for e in content).lstrip().startswith(r.choices[0].message.content[:1])
+    plain = client(server).chat.completions.create(model='x', messages=[{'role': 'user', 'content': 'hi'}],
+                                                   max_tokens=3)
+    assert plain.choices[0].logprobs is None
