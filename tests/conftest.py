@@ -37,3 +37,14 @@ def shakespeare_text():
     if not SHAKESPEARE.exists():
         pytest.skip("../shared/data/tinyshakespeare/input.txt not present")
     return SHAKESPEARE.read_text()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every parallel op can
+    stall waiting for it: tests that run models in this process use one."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,12 +14,7 @@ from sample import generate_text
 from tokenizer import gpt2_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_model(seed=0, **overrides):

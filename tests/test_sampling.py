@@ -33,12 +33,7 @@ META = {'vocab_size': len(CHARS), 'stoi': {c: i for i, c in enumerate(CHARS)}, '
 ONE_THREAD = {'OMP_NUM_THREADS': '1'}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make_model(seed=0, **overrides):
