@@ -18,7 +18,6 @@ $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random 
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
 """
 import os
-import pickle
 import time
 from contextlib import nullcontext
 
@@ -29,6 +28,7 @@ from torch.nn import functional as F
 from configurator import configure, fail
 from engine import Engine, Row
 from model import GPT, GPTConfig, check_device_dtype
+from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train' | 'sample'
@@ -100,10 +100,8 @@ def bench_train():
         path = os.path.join(data_dir, 'train.bin')
         if not os.path.exists(path):
             fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' or pass --real_data=False")
-        meta = {}
-        if os.path.exists(os.path.join(data_dir, 'meta.pkl')):
-            with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
-                meta = pickle.load(f)
+        meta_path = os.path.join(data_dir, 'meta.pkl')
+        meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
         data = np.memmap(path, dtype=np.dtype(meta.get('dtype', 'uint16')), mode='r')
         if len(data) <= block_size:
             fail(f"{path} has {len(data)} tokens, too few for one block of {block_size}+1")
