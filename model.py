@@ -403,10 +403,11 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
 
-def load_checkpoint(out_dir, device='cpu'):
+def load_checkpoint(out_dir, device='cpu', dropout=None):
     """A GPT from out_dir/ckpt.pt (written by train.py, or by nanoGPT's) and the rest of the
     checkpoint (optimizer state, iter_num, config, ...). Every script loads through here. A
-    checkpoint is data: weights_only=True refuses one that would run code when unpickled."""
+    checkpoint is data: weights_only=True refuses one that would run code when unpickled.
+    dropout: another rate to train on (a training setting, not part of the architecture)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or set --out_dir")
@@ -414,6 +415,8 @@ def load_checkpoint(out_dir, device='cpu'):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         model_args = dict(checkpoint['model_args'])
         model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
+        if dropout is not None:
+            model_args['dropout'] = dropout
         model = GPT(GPTConfig(**model_args))
         # nanoGPT's checkpoints of compiled models carry this prefix on every key
         model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()})

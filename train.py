@@ -12,9 +12,15 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (without Infiniband, prepend NCCL_IB_DISABLE=1)
 """
+import atexit
+import contextlib
+import fcntl
+import glob
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 import zlib
@@ -89,6 +95,10 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = True  # torch.compile the model (PyTorch 2)
 peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # -----------------------------------------------------------------------------
+# on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
+architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
+                                                   'n_kv_head', 'use_rope', 'rope_theta', 'use_alibi', 'norm',
+                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings')}
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
@@ -121,10 +131,47 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     ddp_rank, master_process, seed_offset, ddp_world_size = 0, True, 0, 1
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+lock_path = os.path.join(out_dir, 'train.lock')
+
+
+def lock_out_dir():
+    """Create out_dir and hold out_dir/train.lock for the life of the run: one run per out_dir.
+    An flock belongs to the open file, so the kernel drops it when the process ends, however it
+    ends: the lock file a killed run leaves behind is stale by construction and the next run takes it."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+                fail(f"out_dir '{out_dir}' is in use by {holder}: wait for it to end or pick another out_dir")
+            # the run before us removes the file as it exits: make sure we hold the one on disk now
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+
+        def unlock():  # remove the file while still holding it, then let go
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
+            os.close(fd)
+        atexit.register(unlock)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"train.py pid {os.getpid()} on {socket.gethostname()}".encode())
+        # a temporary checkpoint left by a killed run: no one else writes here while we hold the lock
+        for path in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')):
+            os.remove(path)
+            print(f"removed {path}, left by an interrupted save")
+    except OSError as e:
+        fail(f"cannot write to out_dir '{out_dir}': {e.strerror or e}")
+
+
+# rank 0 speaks for the run: it takes the lock and writes the checkpoints
 if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
+    lock_out_dir()
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -142,9 +189,6 @@ for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
-    n_tokens = os.path.getsize(path) // data_dtype.itemsize
-    if n_tokens <= block_size:
-        fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
 
 
 def get_batch(split, generator):
@@ -184,11 +228,11 @@ elif 'vocab_size' in meta:
 # model init
 iter_num = 0
 best_val_loss = 1e9
+saved_iter = None  # the iteration out_dir/ckpt.pt holds, once this run has loaded or saved one
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
                   use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
                   tie_embeddings=tie_embeddings)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
 if init_from == 'scratch':
     if master_process:
@@ -206,11 +250,23 @@ elif init_from == 'resume':
     if master_process:
         print(f"Resuming training from {out_dir}")
     # the architecture comes from the checkpoint; the rest of the settings from this run
-    try:
-        model, checkpoint = load_checkpoint(out_dir, device)
+    try:  # dropout is a training setting: this run's, if it sets one
+        model, checkpoint = load_checkpoint(out_dir, device,
+                                            dropout=None if dropout == architecture_defaults['dropout'] else dropout)
     except ValueError as e:
         fail(str(e))
-    iter_num = checkpoint['iter_num']
+    # an architecture setting this run changed from its default must agree with the checkpoint;
+    # block_size may shrink (below)
+    saved = model.config
+    conflicts = [f"{k}={globals()[k]!r} (checkpoint: {getattr(saved, k)!r})"
+                 for k, default in architecture_defaults.items() if k not in ('dropout', 'block_size')
+                 and globals()[k] != default and globals()[k] != getattr(saved, k)]
+    if conflicts:
+        fail(f"{ckpt_path} was trained with another architecture: {', '.join(conflicts)}; "
+             f"drop these settings to resume it, or train in a new out_dir")
+    if block_size == architecture_defaults['block_size']:
+        block_size = saved.block_size
+    iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if master_process:
@@ -223,7 +279,16 @@ if block_size < model.config.block_size:
 elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+config.update({k: model_args[k] for k in architecture_defaults})  # the checkpoint records what this run trains
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    n_tokens = os.path.getsize(path) // data_dtype.itemsize
+    if n_tokens <= block_size:
+        fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
 model.to(device)
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 # GradScaler: only float16 needs loss scaling; otherwise it does nothing
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -292,8 +357,8 @@ def get_lr(it):
     # 1) linear warmup for warmup_iters steps
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    # 2) past lr_decay_iters, min learning rate
-    if it > lr_decay_iters:
+    # 2) from lr_decay_iters on, min learning rate (also right after warmup when lr_decay_iters <= warmup_iters)
+    if it >= lr_decay_iters:
         return min_lr
     # 3) in between, cosine decay down to min learning rate
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -320,11 +385,49 @@ def save_checkpoint():
     # crash-safe: write a temporary file, flush it to disk, then atomically rename it over
     # ckpt.pt. A kill at any moment leaves either the old or the new checkpoint, whole.
     tmp_path = os.path.join(out_dir, f'ckpt.pt.{os.getpid()}.tmp')
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, ckpt_path)
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, ckpt_path)
+    except BaseException as e:  # a full disk, no permission, Ctrl-C: never leave the partial file
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        # torch.save reports a failed write, and a Ctrl-C during one, as a RuntimeError raised while
+        # handling the exception that says what happened
+        chain = [e]
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        interrupt = next((c for c in chain if not isinstance(c, Exception)), None)
+        if interrupt is not None:
+            raise interrupt
+        os_error = next((c for c in chain if isinstance(c, OSError) and c.strerror), None)
+        reason = os_error.strerror if os_error else f"{type(e).__name__}: {e}".splitlines()[0]
+        fail(f"could not save the checkpoint to {ckpt_path}: {reason} (it needs {megabytes(tensor_bytes(checkpoint))}, "
+             f"{megabytes(shutil.disk_usage(out_dir).free)} free); {last_checkpoint()}")
+    global saved_iter
+    saved_iter = iter_num
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def megabytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def last_checkpoint():
+    if saved_iter is not None:
+        return f"{ckpt_path} holds iteration {saved_iter}"
+    return f"{ckpt_path} is as it was before this run" if os.path.exists(ckpt_path) else "no checkpoint was saved"
 
 
 # logging
@@ -332,72 +435,88 @@ if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+# Ctrl-C and SIGTERM (a scheduler's stop, torchrun's shutdown) end the run with one line; a save
+# they interrupt removes its temporary file on the way out
+signal.signal(signal.SIGINT, interrupted)
+signal.signal(signal.SIGTERM, interrupted)
+
 # training loop
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = -1.0
-while True:
-    # dropout masks come from the global RNG: re-seed it from the iteration number at every
-    # evaluation (where checkpoints are written) so a resumed run continues exactly
-    if iter_num % eval_interval == 0:
-        torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
+try:
+    while True:
+        # dropout masks come from the global RNG: re-seed it from the iteration number at every
+        # evaluation (where checkpoints are written) so a resumed run continues exactly
+        if iter_num % eval_interval == 0:
+            torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
 
-    # set the learning rate of every group for this iteration
-    lr = get_lr(iter_num) if decay_lr else learning_rate
-    for group in optimizer.param_groups:
-        group['lr'] = group['initial_lr'] * lr / learning_rate
+        # set the learning rate of every group for this iteration
+        lr = get_lr(iter_num) if decay_lr else learning_rate
+        for group in optimizer.param_groups:
+            group['lr'] = group['initial_lr'] * lr / learning_rate
 
-    # evaluate the loss on train/val sets and write checkpoints
-    if iter_num % eval_interval == 0 and master_process:
-        losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
-                       "lr": lr, "mfu": running_mfu * 100})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
-            best_val_loss = min(best_val_loss, float(losses['val']))
-            if iter_num > 0:
-                print(f"saving checkpoint to {out_dir}")
-                save_checkpoint()
-    if iter_num == 0 and eval_only:
-        break
+        # evaluate the loss on train/val sets and write checkpoints
+        if iter_num % eval_interval == 0 and master_process:
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
+                           **({"mfu": running_mfu * 100} if running_mfu >= 0 else {})})
+            if losses['val'] < best_val_loss or always_save_checkpoint:
+                best_val_loss = min(best_val_loss, float(losses['val']))
+                if iter_num > 0 and iter_num != saved_iter:  # after a resume, ckpt.pt already holds this iteration
+                    print(f"saving checkpoint to {out_dir}")
+                    save_checkpoint()
+        if iter_num == 0 and eval_only:
+            break
 
-    # forward backward update, with gradient accumulation to simulate a larger batch
-    for micro_step in range(gradient_accumulation_steps):
-        # number micro-batches across all ranks: N processes draw the same global batch as one
-        X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
-        if ddp:
-            # all-reduce the gradients only on the last micro-step
-            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
-        with ctx:
-            logits, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
-        scaler.scale(loss).backward()
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+        # forward backward update, with gradient accumulation to simulate a larger batch
+        for micro_step in range(gradient_accumulation_steps):
+            # number micro-batches across all ranks: N processes draw the same global batch as one
+            X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
+            if ddp:
+                # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+            with ctx:
+                logits, loss = model(X, Y)
+                loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+            scaler.scale(loss).backward()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
-    # timing and logging
-    t1 = time.time()
-    dt = t1 - t0
-    t0 = t1
-    if iter_num % log_interval == 0 and master_process:
-        # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
-        lossf = loss.item() * gradient_accumulation_steps
-        if local_iter_num >= 5:  # let the training loop settle a bit
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
-            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
-    iter_num += 1
-    local_iter_num += 1
+        # timing and logging
+        t1 = time.time()
+        dt = t1 - t0
+        t0 = t1
+        if iter_num % log_interval == 0 and master_process:
+            # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
+            lossf = loss.item() * gradient_accumulation_steps
+            if local_iter_num >= 5:  # let the training loop settle a bit
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""  # measured from the 6th iteration
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+        iter_num += 1
+        local_iter_num += 1
 
-    # termination conditions
-    if iter_num > max_iters:
-        break
+        # termination conditions
+        if iter_num > max_iters:
+            break
+except KeyboardInterrupt as e:
+    if master_process:
+        print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
+    sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 if eval_full_val and master_process:
     print(f"full val loss {full_val_loss():.4f}")
