@@ -466,6 +466,13 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def handle_method(self, method):
+        Server.answering.add(self)
+        try:
+            self.answer(method)
+        finally:
+            Server.answering.discard(self)
+
+    def answer(self, method):
         self.headers_sent, url = False, urllib.parse.urlsplit(self.path)
         allowed = [m for m, path in self.routes({}, b'') if path == url.path]
         try:
@@ -675,7 +682,8 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: a burst of clients waits in the kernel, not refused
-    daemon_threads = False  # server_close() waits for the HTTP threads to write their last chunk
+    daemon_threads = True  # an idle connection (a browser opens some ahead) must not hold up an exit
+    answering = set()  # handlers answering a request: an exit waits a moment for their last chunk
 
 
 def main():
@@ -708,6 +716,9 @@ def main():
     trainer.stop()
     trainer.remove_log()
     server.server_close()
+    deadline = time.time() + 5
+    while Server.answering and time.time() < deadline:
+        time.sleep(0.05)
 
 
 if __name__ == '__main__':
