@@ -12,7 +12,8 @@ $ python bench.py --profile=True
 
 sample: prefill and decode tokens/s of the decode engine (engine.py, what sample.py and serve.py
 run), side by side with nanoGPT's uncached loop (written out below as the reference) and, with
-compare_hf=True, transformers' GPT2LMHeadModel.generate on the same weights.
+compare_hf=True, transformers' generate on the same weights (GPT2LMHeadModel, or NanoChatForCausalLM
+for nanochat's architecture: export.py's mapping).
 
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
@@ -63,7 +64,7 @@ prompt_tokens = 16
 max_new_tokens = 128
 temperature = 1.0
 top_k = 200  # 0 = no limit
-compare_hf = False  # also time transformers' GPT2LMHeadModel.generate (KV cache on) with the same weights
+compare_hf = False  # also time transformers' generate (KV cache on) with the same weights
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
 # -----------------------------------------------------------------------------
@@ -193,33 +194,20 @@ def uncached_generate(model, idx, max_new_tokens, temperature, top_k, generator)
 
 
 def hf_twin(model):
-    """transformers' GPT2LMHeadModel with exactly our model's weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """transformers' model with exactly our model's weights (export.py's mapping: GPT2LMHeadModel or
+    NanoChatForCausalLM)."""
+    from transformers import AutoModelForCausalLM
     cfg = model.config
     if init_from.startswith('gpt2') or os.path.isdir(init_from):
-        hf = GPT2LMHeadModel.from_pretrained(init_from)  # both models load the same files
+        hf = AutoModelForCausalLM.from_pretrained(init_from)  # both models load the same files
     else:
-        gpt2_like = (cfg.learned_positions and cfg.norm == 'layernorm' and cfg.mlp == 'gelu' and cfg.tie_embeddings
-                     and cfg.n_kv_head == cfg.n_head and not cfg.qk_norm and cfg.logit_softcap == 0)
-        if not gpt2_like:
-            fail("compare_hf needs a GPT-2 architecture (learned positions, LayerNorm, GELU, tied head, "
-                 "plain multi-head attention, no QK-norm or soft-capping)")
-        hf_config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                               n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=1e-5,
-                               activation_function={'tanh': 'gelu_new', 'none': 'gelu'}[cfg.gelu_approximate],
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                               bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
-        hf = GPT2LMHeadModel(hf_config)
-        ours = model.state_dict()
-        # transformers keeps these four as Conv1D weights, (in, out): the transpose of Linear's (out, in)
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        with torch.no_grad():
-            for k, p in hf.state_dict().items():
-                if k in ours:
-                    p.copy_(ours[k].t() if k.endswith(transposed) else ours[k])
-                else:
-                    assert k.endswith('bias'), f"no weight for {k}"
-                    p.zero_()  # a bias=False model: a zero bias is the same function
+        from export import to_hf
+        try:
+            hf_config, sd = to_hf(model, eot=min(50256, cfg.vocab_size - 1))
+        except ValueError as e:
+            fail(f"compare_hf: {e}")
+        hf = AutoModelForCausalLM.from_config(hf_config)
+        hf.load_state_dict(sd)
     hf.generation_config.pad_token_id = hf.config.eos_token_id  # else it warns on every call
     hf = hf.eval().to(device=device, dtype=ptdtype)
     # a timing of the same function only if it is the same function: compare the logits once

@@ -4,11 +4,11 @@ The GPT language model in one file.
 By default it is GPT-2: learned position embeddings, pre-LayerNorm blocks, causal
 self-attention, a 4x GELU MLP and an output head tied to the token embedding.
 GPTConfig switches turn on the newer pieces (rotary embeddings, ALiBi, RMSNorm,
-QK-norm, ReLU², grouped-query attention, logit soft-capping, an untied head); each
-acts in a few lines at the place it matters and defaults to GPT-2, so every old
-checkpoint still loads.
+QK-norm, ReLU², grouped-query attention, logit soft-capping, an untied head, a norm
+after the token embedding); each acts in a few lines at the place it matters and
+defaults to GPT-2, so every old checkpoint still loads.
 
-Also here: the KV cache that engine.py decodes with, loading GPT-2 weights and our own
+Also here: the KV cache that engine.py decodes with, loading transformers' weights and our own
 checkpoints (load_checkpoint: every script loads through it), and the optimizer setup
 (AdamW, or Muon from muon.py).
 
@@ -46,6 +46,7 @@ class GPTConfig:
     mlp: str = 'gelu'  # 'gelu' | 'relu2' (squared ReLU)
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weight
+    embed_norm: bool = False  # RMS-normalise the token embedding (nanochat's architecture)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -101,6 +102,23 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# transformers' GPT-2 keeps these four as Conv1D weights, (in, out): the transpose of Linear's (out, in)
+GPT2_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# transformers' activation names -> (mlp, gelu_approximate); GPT-2's weights were trained with 'gelu_new' (tanh)
+HF_ACTIVATIONS = {'gelu': ('gelu', 'none'), 'gelu_new': ('gelu', 'tanh'), 'gelu_pytorch_tanh': ('gelu', 'tanh'),
+                  'relu2': ('relu2', 'none')}
+
+
+def flip_rotary(w, head_dim):
+    """A query or key projection's rows with the second half of every head negated. transformers'
+    NanoChat rotates each (first half, second half) pair the other way round from apply_rope;
+    negating the second half turns one rotation into the other, and neither the query-key dot
+    products nor QK-norm see the sign. Its own inverse: export.py and from_pretrained both use it."""
+    sign = torch.ones(head_dim, dtype=w.dtype, device=w.device)
+    sign[head_dim // 2:] = -1
+    return w * sign.repeat(w.shape[0] // head_dim)[:, None]
 
 
 class KVCache:
@@ -296,6 +314,9 @@ class GPT(nn.Module):
             assert end <= cfg.block_size, f"cannot forward {end} positions, block size is only {cfg.block_size}"
 
         x = self.transformer.wte(idx)
+        if cfg.embed_norm:
+            # parameter-free, as nanochat does: the residual stream starts at unit scale whatever the embedding's
+            x = F.rms_norm(x, (cfg.n_embd,), eps=1e-6)
         if cfg.learned_positions:
             x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
@@ -339,29 +360,60 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from transformers: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded
-        from the hub) or a local directory written by transformers' save_pretrained."""
+        """Weights from transformers: OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl',
+        downloaded from the hub) or a local directory written by save_pretrained or export.py, holding a
+        GPT2LMHeadModel or a NanoChatForCausalLM. ValueError for a model this GPT does not compute."""
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
         print(f"loading weights from pretrained gpt: {name_or_path}")
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        hf = hf_model.config
-        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
-                           n_head=hf.n_head, n_embd=hf.n_embd, bias=True, gelu_approximate='tanh',
-                           dropout=override_args.get('dropout', 0.0))
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path)
+        hf, sd_hf = hf_model.config, hf_model.state_dict()
+        act = hf.activation_function if hf.model_type == 'gpt2' else getattr(hf, 'hidden_act', None)
+        if act not in HF_ACTIVATIONS:
+            raise ValueError(f"{name_or_path}: activation '{act}' is not one of {', '.join(HF_ACTIVATIONS)}")
+        mlp, gelu_approximate = HF_ACTIVATIONS[act]
+        common = dict(vocab_size=hf.vocab_size, mlp=mlp, gelu_approximate=gelu_approximate,
+                      tie_embeddings=bool(hf.tie_word_embeddings), dropout=override_args.get('dropout', 0.0))
+        if hf.model_type == 'gpt2':
+            config = GPTConfig(block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
+                               bias=True, **common)
+            sd = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd_hf.items()
+                  if not k.endswith(('.attn.masked_bias', '.attn.bias'))}
+        elif hf.model_type == 'nanochat':
+            C, H = hf.hidden_size, hf.num_attention_heads
+            hd, rope = C // H, hf.rope_parameters or {}
+            if (hf.intermediate_size != 4 * C or hf.attention_bias or getattr(hf, 'head_dim', None) not in (None, hd)
+                    or rope.get('rope_type', 'default') != 'default'):
+                raise ValueError(f"{name_or_path}: this GPT computes NanoChat models with intermediate_size = 4 * "
+                                 f"hidden_size, no attention bias and plain rotary embeddings only")
+            config = GPTConfig(block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers, n_head=H, n_embd=C,
+                               n_kv_head=hf.num_key_value_heads, bias=False, use_rope=True,
+                               rope_theta=rope.get('rope_theta', 10000.0), norm='rmsnorm', qk_norm=True, embed_norm=True,
+                               logit_softcap=hf.final_logit_softcapping or 0.0, **common)
+            ones = torch.ones(C)  # its RMSNorms have no gain
+            sd = {'transformer.wte.weight': sd_hf['model.embed_tokens.weight'], 'transformer.ln_f.weight': ones,
+                  'lm_head.weight': sd_hf['lm_head.weight']}
+            for i in range(config.n_layer):
+                theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
+                sd[ours + 'attn.c_attn.weight'] = torch.cat([flip_rotary(sd_hf[theirs + 'self_attn.q_proj.weight'], hd),
+                                                             flip_rotary(sd_hf[theirs + 'self_attn.k_proj.weight'], hd),
+                                                             sd_hf[theirs + 'self_attn.v_proj.weight']])
+                sd[ours + 'attn.c_proj.weight'] = sd_hf[theirs + 'self_attn.o_proj.weight']
+                sd[ours + 'mlp.c_fc.weight'] = sd_hf[theirs + 'mlp.fc1.weight']
+                sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.fc2.weight']
+                sd[ours + 'ln_1.weight'] = sd[ours + 'ln_2.weight'] = ones
+        else:
+            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2' and "
+                             f"'nanochat' models")
         model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf_model.state_dict()
-        # transformers stores these four as Conv1D weights, (in, out): transpose into Linear's (out, in)
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-        keys = [k for k in sd_hf if not k.endswith(('.attn.masked_bias', '.attn.bias'))]
-        assert set(keys) == set(sd), f"mismatched keys: {set(keys) ^ set(sd)}"
+        own = model.state_dict()
+        if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
+            odd = sorted(set(sd) ^ set(own)) or [k for k in sd if sd[k].shape != own[k].shape]
+            raise ValueError(f"{name_or_path}: weights do not fit the architecture its config describes: {odd[:3]}")
         with torch.no_grad():
-            for k in keys:
-                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                assert src.shape == sd[k].shape, f"shape mismatch for {k}: {src.shape} vs {sd[k].shape}"
-                sd[k].copy_(src)
+            for k, v in sd.items():
+                own[k].copy_(v)
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,

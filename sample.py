@@ -52,7 +52,7 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32')
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
         info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
-        tokenizer = gpt2_tokenizer()
+        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()  # export.py leaves meta.pkl
     else:
         raise ValueError(f"init_from must be 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
     check_vocab(tokenizer, model.config.vocab_size)

@@ -45,7 +45,7 @@ eval_iters = 200
 eval_only = False  # evaluate once, then exit
 eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
 always_save_checkpoint = True  # False: save only when val loss improves
-init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py)
 # wandb logging
 wandb_log = False
 wandb_project = 'owt'
@@ -72,6 +72,7 @@ qk_norm = False
 mlp = 'gelu'
 logit_softcap = 0.0
 tie_embeddings = True
+embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
 # optimizer
 optimizer = 'adamw'  # 'adamw' | 'muon'
 learning_rate = 6e-4  # max learning rate (AdamW's; with muon, the embeddings' and head's)
@@ -98,7 +99,8 @@ peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
 architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
                                                    'n_kv_head', 'use_rope', 'rope_theta', 'use_alibi', 'norm',
-                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings')}
+                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings',
+                                                   'embed_norm')}
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
@@ -232,7 +234,7 @@ saved_iter = None  # the iteration out_dir/ckpt.pt holds, once this run has load
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
                   use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
-                  tie_embeddings=tie_embeddings)
+                  tie_embeddings=tie_embeddings, embed_norm=embed_norm)
 checkpoint = None
 if init_from == 'scratch':
     if master_process:
@@ -271,7 +273,10 @@ elif init_from == 'resume':
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-    model = GPT.from_pretrained(init_from, dict(dropout=dropout))  # GPT-2's architecture, whatever the settings say
+    try:  # the architecture comes from the directory's config.json, whatever the settings say
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except (ValueError, OSError) as e:
+        fail(str(e))
 else:
     fail(f"init_from must be 'scratch', 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
 if block_size < model.config.block_size:

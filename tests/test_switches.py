@@ -38,6 +38,9 @@ SWITCHES = {
                         logit_softcap=15.0, tie_embeddings=False),
     'rope_combo': dict(use_rope=True, n_kv_head=1, norm='rmsnorm', qk_norm=True, mlp='relu2',
                        logit_softcap=15.0, tie_embeddings=False),
+    'embed_norm': dict(embed_norm=True),
+    'nanochat': dict(use_rope=True, n_kv_head=2, norm='rmsnorm', qk_norm=True, mlp='relu2', logit_softcap=15.0,
+                     tie_embeddings=False, embed_norm=True),  # what export.py writes as NanoChatForCausalLM
 }
 
 

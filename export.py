@@ -1,0 +1,489 @@
+"""
+Export a trained model (an out_dir checkpoint) to transformers or to llama.cpp.
+
+$ python export.py --out_dir=out-shakespeare-char                  # -> out-shakespeare-char-hf/
+$ python export.py --out_dir=out-shakespeare-char --format=gguf --dtype=float16 --to=shakespeare-char-f16.gguf
+
+--format=hf writes a directory that AutoModelForCausalLM and AutoTokenizer load, and --init_from=DIR
+here: config.json, model.safetensors, generation_config.json, the tokenizer (tokenizer.json; GPT-2's
+vocab.json and merges.txt too for GPT-2's BPE) and our meta.pkl. The class is the one that computes
+the same function as our model:
+- GPT2LMHeadModel: learned positions, LayerNorm, plain multi-head attention, no QK-norm, soft-capping
+  or embedding norm (every switch at its default), with a GELU or ReLU² MLP and a tied head or not;
+- NanoChatForCausalLM: nanochat's architecture, use_rope with norm='rmsnorm', qk_norm and embed_norm,
+  no biases, any n_kv_head, mlp, logit_softcap and head. Our RMSNorm gains fold into the next layer.
+Anything else stops with the switches that no transformers class computes. A padded vocabulary
+(GPT-2's 50257 padded to 50304) is cut to the tokenizer's size.
+--format=gguf writes one llama.cpp file of its GPT-2 architecture, float32 or float16 (the gguf
+package, imported only here), tokenizer included.
+
+Before the export is put in place it is checked: transformers' (llama.cpp's, when llama-cpp-python is
+installed) logits against ours on a fixed prompt, their greedy continuation against our engine's, their
+tokenizer's ids against ours. A float32 transformers export that disagrees is not written.
+"""
+import json
+import os
+import pickle
+import shutil
+
+import torch
+
+from configurator import configure, fail
+from engine import Engine, Row
+from model import GPT2_CONV1D, flip_rotary, load_checkpoint
+from tokenizer import gpt2_tokenizer, meta_path_for, read_meta, tokenizer_from_meta
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
+format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
+to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
+dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only)
+overwrite = False  # replace an existing --to
+check = True  # compare the export's logits and greedy tokens with ours before putting it in place
+# -----------------------------------------------------------------------------
+
+# the GELU our models train with (exact) and the one GPT-2's weights were trained with (tanh)
+ACTIVATIONS = {('gelu', 'none'): 'gelu', ('gelu', 'tanh'): 'gelu_new', ('relu2', 'none'): 'relu2'}
+# GPT-2's split regex: tiktoken's spelling (possessive quantifiers, same pieces) and OpenAI's original
+GPT2_PATTERNS = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+                 r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model: our weights under transformers' names
+
+def hf_class(cfg):
+    """'GPT2LMHeadModel' or 'NanoChatForCausalLM': the transformers class that computes the model of
+    GPTConfig cfg; ValueError naming the switches that neither computes."""
+    if cfg.use_alibi:
+        raise ValueError("no transformers class computes use_alibi=True (GPT2LMHeadModel has learned positions, "
+                         "NanoChatForCausalLM rotary ones)")
+    if cfg.use_rope:
+        name, needs = 'NanoChatForCausalLM', dict(norm='rmsnorm', qk_norm=True, embed_norm=True, bias=False)
+    else:
+        name, needs = 'GPT2LMHeadModel', dict(norm='layernorm', qk_norm=False, embed_norm=False, logit_softcap=0.0,
+                                              n_kv_head=cfg.n_head)
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in needs.items() if getattr(cfg, k) != v]
+    if wrong:
+        positions = 'rotary' if cfg.use_rope else 'learned'
+        raise ValueError(f"no transformers class computes this model: with {positions} positions that is {name}, which "
+                         f"needs {', '.join(f'{k}={v!r}' for k, v in needs.items())}; this model has {', '.join(wrong)}")
+    return name
+
+
+def to_hf(model, vocab_size=None, eot=None):
+    """(transformers config, state dict under its names) for our GPT: the class hf_class picks, the
+    vocabulary cut to vocab_size rows (a padded vocabulary's extra rows are never sampled), eot the
+    id that ends a document (None: none)."""
+    from transformers import GPT2Config, NanoChatConfig
+    cfg = model.config
+    name = hf_class(cfg)
+    n = vocab_size or cfg.vocab_size
+    act = ACTIVATIONS[(cfg.mlp, cfg.gelu_approximate if cfg.mlp == 'gelu' else 'none')]
+    ours = {k: v.detach().float() for k, v in model.state_dict().items()}
+    wte, head = ours['transformer.wte.weight'][:n], ours['lm_head.weight'][:n]
+    if name == 'GPT2LMHeadModel':
+        config = GPT2Config(vocab_size=n, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, activation_function=act, layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
+                            bos_token_id=eot, eos_token_id=eot, architectures=[name])
+        sd = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in with_biases(ours).items()}
+        sd['transformer.wte.weight'], sd['lm_head.weight'] = wte, head
+        return config, sd
+    C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    config = NanoChatConfig(vocab_size=n, hidden_size=C, intermediate_size=4 * C, num_hidden_layers=cfg.n_layer,
+                            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                            max_position_embeddings=cfg.block_size, hidden_act=act, rms_norm_eps=1e-6,
+                            rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+                            final_logit_softcapping=cfg.logit_softcap or None, attention_bias=False,
+                            bos_token_id=eot, eos_token_id=eot, pad_token_id=None, tie_word_embeddings=False,
+                            architectures=[name])
+    # its RMSNorms have no gain: ours multiply into the columns of the layer each feeds (which unties the head)
+    sd = {'model.embed_tokens.weight': wte, 'lm_head.weight': head * ours['transformer.ln_f.weight']}
+    for i in range(cfg.n_layer):
+        h, g1, g2 = f'transformer.h.{i}.', ours[f'transformer.h.{i}.ln_1.weight'], ours[f'transformer.h.{i}.ln_2.weight']
+        q, k, v = (ours[h + 'attn.c_attn.weight'] * g1).split([C, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
+        layer = f'model.layers.{i}.'
+        sd[layer + 'self_attn.q_proj.weight'] = flip_rotary(q, hd)
+        sd[layer + 'self_attn.k_proj.weight'] = flip_rotary(k, hd)
+        sd[layer + 'self_attn.v_proj.weight'] = v
+        sd[layer + 'self_attn.o_proj.weight'] = ours[h + 'attn.c_proj.weight']
+        sd[layer + 'mlp.fc1.weight'] = ours[h + 'mlp.c_fc.weight'] * g2
+        sd[layer + 'mlp.fc2.weight'] = ours[h + 'mlp.c_proj.weight']
+    return config, sd
+
+
+def with_biases(sd):
+    """A GPT-2-architecture state dict with a zero bias beside every LayerNorm and Linear weight that has
+    none (bias=False): GPT-2's formats always hold biases, and a zero one computes the same."""
+    out = dict(sd)
+    for k, v in sd.items():
+        bias = k.removesuffix('.weight') + '.bias'
+        if k.startswith(('transformer.h.', 'transformer.ln_f.')) and k.endswith('.weight') and bias not in sd:
+            out[bias] = torch.zeros(v.shape[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer: meta.pkl as byte-level BPE (or characters), for tokenizers' tokenizer.json and GGUF
+
+def vocabulary(meta):
+    """meta.pkl's tokenizer (None: GPT-2's) as one dict: kind ('char' | 'gpt2' | 'bpe'), ranks ({token
+    bytes: id} of the ordinary tokens), special ({text: id}), pattern (the split regex; None for
+    characters), eot (the id that ends a document, or None) and n (the number of ids)."""
+    if meta is not None and 'stoi' in meta:
+        v = dict(kind='char', ranks={c.encode('utf-8'): i for c, i in meta['stoi'].items()}, special={}, pattern=None,
+                 eot=None)
+    elif meta is None or meta.get('tokenizer', 'gpt2') == 'gpt2':
+        import tiktoken
+        enc = tiktoken.get_encoding('gpt2')
+        special = {**enc._special_tokens, **(meta or {}).get('special_tokens', {})}  # chat tokens after its 50257
+        v = dict(kind='gpt2', ranks=enc._mergeable_ranks, special=special, pattern=enc._pat_str, eot=enc.eot_token)
+    elif meta['tokenizer'] == 'bpe':
+        special = dict(meta['special_tokens'])
+        v = dict(kind='bpe', ranks=dict(meta['mergeable_ranks']), special=special, pattern=meta['pattern'],
+                 eot=special.get('<|bos|>'))  # a trained BPE starts (so ends) every document with <|bos|>
+    else:
+        raise ValueError(f"unknown tokenizer '{meta['tokenizer']}' in meta.pkl")
+    v['n'] = len(v['ranks']) + len(v['special'])
+    if sorted([*v['ranks'].values(), *v['special'].values()]) != list(range(v['n'])):
+        raise ValueError(f"the tokenizer's ids are not 0..{v['n'] - 1}, each once")
+    return v
+
+
+def byte_chars():
+    """GPT-2's printable stand-in for every byte: byte-level BPE files (vocab.json, merges.txt,
+    tokenizer.json, GGUF) write tokens as strings of these characters."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+BYTE_CHARS = byte_chars()
+
+
+def as_text(token):
+    return ''.join(BYTE_CHARS[b] for b in token)
+
+
+def bpe_merges(ranks):
+    """The merge list ((left, right) byte pairs, in rank order) that reproduces tiktoken's ranks: a
+    token of rank r is the merge of the two parts its own bytes become when BPE runs with the ranks
+    below r. For GPT-2 this gives back its merges.txt exactly."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:  # else BPE never builds this token from its pieces: only a whole piece matches it
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def hf_tokenizer(v, merges):
+    """A tokenizers.Tokenizer that encodes as ours does: byte-level BPE with tiktoken's rule (a piece
+    that is a whole token stays whole, then the lowest-ranked merge first; merges from bpe_merges),
+    or one token per character."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    if v['kind'] == 'char':
+        tok = Tokenizer(BPE(vocab={t.decode('utf-8'): i for t, i in v['ranks'].items()}, merges=[]))
+        tok.decoder = decoders.Fuse()  # characters join without spaces
+        return tok
+    vocab = {as_text(t): i for t, i in v['ranks'].items()}
+    merges = [(as_text(a), as_text(b)) for a, b in merges]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(v['pattern']), behavior='isolated'),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = sorted(v['special'], key=v['special'].get)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    for s in special:
+        if tok.token_to_id(s) != v['special'][s]:
+            raise ValueError(f"special token {s} must come right after the ordinary tokens to keep its id")
+    return tok
+
+
+def write_hf_tokenizer(v, path, block_size):
+    merges = bpe_merges(v['ranks']) if v['kind'] != 'char' else []
+    tok = hf_tokenizer(v, merges)
+    tok.save(os.path.join(path, 'tokenizer.json'))
+    config = {'tokenizer_class': 'GPT2Tokenizer' if v['kind'] == 'gpt2' else 'PreTrainedTokenizerFast',
+              'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
+    if v['eot'] is not None:
+        eot = next(s for s, i in v['special'].items() if i == v['eot'])
+        config.update(bos_token=eot, eos_token=eot)
+    if v['kind'] == 'gpt2':
+        # GPT-2's own files too, for tools that read them (tokenizer.json is what AutoTokenizer loads)
+        config.update(add_prefix_space=False, unk_token='<|endoftext|>')
+        with open(os.path.join(path, 'vocab.json'), 'w') as f:
+            json.dump({**{as_text(t): i for t, i in v['ranks'].items()}, **v['special']}, f, ensure_ascii=False)
+        with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
+            f.write('#version: 0.2\n' + ''.join(f"{as_text(a)} {as_text(b)}\n" for a, b in merges))
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# writers: into a fresh directory `path` (hf) or file (gguf)
+
+TORCH_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def write_hf(model, v, meta, path, dtype='float32'):
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    config, sd = to_hf(model, v['n'], v['eot'])
+    config.dtype = dtype
+    config.save_pretrained(path)
+    if config.tie_word_embeddings:
+        del sd['lm_head.weight']  # the same tensor as the embedding: safetensors stores it once
+    save_file({k: t.to(TORCH_DTYPES[dtype]).contiguous() for k, t in sd.items()},
+              os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+    stop = [v['eot']] + [i for s, i in v['special'].items() if s == '<|assistant_end|>']  # the end of a chat reply
+    GenerationConfig(bos_token_id=v['eot'], eos_token_id=stop if v['eot'] is not None else None,
+                     pad_token_id=v['eot']).save_pretrained(path)
+    write_hf_tokenizer(v, path, model.config.block_size)
+    if meta is not None:  # our own tokenizer, exactly, for --init_from=DIR here
+        with open(os.path.join(path, 'meta.pkl'), 'wb') as f:
+            pickle.dump(meta, f)
+
+
+def write_gguf(model, v, path, dtype='float32', name=''):
+    """llama.cpp's 'gpt2' architecture: its tensor names and hyperparameters, and the tokenizer as
+    byte-level BPE (characters are byte-level tokens too, multi-byte ones merged from their bytes).
+    llama.cpp's GPT-2 computes GELU with the tanh approximation, ours the exact one unless the model
+    came from GPT-2's weights: the logits differ by about 1e-3, the greedy tokens rarely."""
+    import gguf
+    cfg = model.config
+    needs = dict(use_rope=False, use_alibi=False, norm='layernorm', qk_norm=False, embed_norm=False, mlp='gelu',
+                 logit_softcap=0.0, n_kv_head=cfg.n_head)
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, ok in needs.items() if getattr(cfg, k) != ok]
+    if wrong:
+        raise ValueError(f"--format=gguf writes llama.cpp's GPT-2 architecture, which needs "
+                         f"{', '.join(f'{k}={ok!r}' for k, ok in needs.items())}; this model has {', '.join(wrong)}")
+    if v['kind'] == 'char':
+        pre = 'gpt-2'  # no merge crosses a character, so any split that keeps characters whole will do
+        chars = [t for t in v['ranks'] if len(t) > 1]
+        merges = list(dict.fromkeys((c[:j], c[j:j + 1]) for c in chars for j in range(1, len(c))))
+        # llama.cpp refuses a BPE vocabulary without merges (and gguf drops an empty list): an ASCII
+        # vocabulary gets one that never applies, 0xFF twice, a byte that UTF-8 text never holds
+        merges = merges or [(b'\xff', b'\xff')]
+    elif v['pattern'] in GPT2_PATTERNS:
+        pre, merges = 'gpt-2', bpe_merges(v['ranks'])
+    else:
+        raise ValueError("--format=gguf: llama.cpp splits text with its own built-in regexes and has none for this "
+                         "tokenizer's split pattern (GPT-2's is the one supported): use --format=hf")
+    n = v['n']
+    tokens, types = [''] * n, [gguf.TokenType.NORMAL] * n
+    for t, i in v['ranks'].items():
+        tokens[i] = as_text(t)
+    for s, i in v['special'].items():
+        tokens[i], types[i] = s, gguf.TokenType.CONTROL
+
+    w = gguf.GGUFWriter(path, 'gpt2')
+    w.add_name(name)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == 'float16' else gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([f"{as_text(a)} {as_text(b)}" for a, b in merges])
+    if v['eot'] is not None:
+        w.add_bos_token_id(v['eot'])
+        w.add_eos_token_id(v['eot'])
+    w.add_add_bos_token(False)  # our prompts start with their first token
+
+    sd = with_biases({k: t.detach().float() for k, t in model.state_dict().items()})
+    # llama.cpp's names for our tensors; its matrices are (out, in) like Linear's
+    names = {'ln_1': 'attn_norm', 'attn.c_attn': 'attn_qkv', 'attn.c_proj': 'attn_output', 'ln_2': 'ffn_norm',
+             'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
+    tensors = {'token_embd.weight': sd['transformer.wte.weight'][:n],
+               'position_embd.weight': sd['transformer.wpe.weight'],
+               'output_norm.weight': sd['transformer.ln_f.weight'], 'output_norm.bias': sd['transformer.ln_f.bias']}
+    if not cfg.tie_embeddings:
+        tensors['output.weight'] = sd['lm_head.weight'][:n]
+    for i in range(cfg.n_layer):
+        for ours, theirs in names.items():
+            for kind in ('weight', 'bias'):
+                tensors[f'blk.{i}.{theirs}.{kind}'] = sd[f'transformer.h.{i}.{ours}.{kind}']
+    for key, t in tensors.items():
+        # float16 for the matrices only, as llama.cpp's converter does: norms and biases stay float32
+        t = t.to(torch.float16 if dtype == 'float16' and t.dim() == 2 else torch.float32)
+        w.add_tensor(key, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: the export against our model, on the same prompt
+
+SAMPLE = ("Hello, world! It's 1,234.5 degrees -- naïve café, Ünïcödé, 日本語のテキスト, emoji 🤖🎉\n\n"
+          "\tindented   spaces  \r\nTHE END. ")
+
+
+def ours_greedy(model, prompt, max_new_tokens, n):
+    """Our greedy continuation through the decode engine, sampling only the tokenizer's n ids."""
+    engine = Engine(model, 1, max_new_tokens, vocab_size=n)
+    row = Row(prompt, max_new_tokens, top_k=1)
+    engine.add([row])
+    while engine.rows:
+        engine.step()
+    return row.tokens
+
+
+def hf_runner(path):
+    """(logits over a list of ids, greedy continuation of a prompt, encode text) through transformers,
+    from the exported directory. Greedy is plain argmax with transformers' KV cache: generate() would
+    stop at an end-of-text token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def greedy(prompt, n):
+        out, ids = hf(torch.tensor([prompt]), use_cache=True), []
+        for _ in range(n):
+            ids.append(int(out.logits[0, -1].argmax()))
+            out = hf(torch.tensor([ids[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        return ids
+    return lambda ids: hf(torch.tensor([ids])).logits[0], greedy, lambda text: tok(text, verbose=False)['input_ids']
+
+
+def llama_cpp_runner(path, n_ctx):
+    """The same through llama.cpp (llama-cpp-python); None where it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import numpy as np
+    llm = Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=min(4, os.cpu_count() or 1))
+
+    def logits(ids):
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[:len(ids)]))
+
+    def greedy(prompt, n):
+        llm.reset()
+        llm.eval(prompt)
+        ids = []
+        for _ in range(n):
+            ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(ids[-1:])
+        return ids
+    return logits, greedy, lambda text: llm.tokenize(text.encode('utf-8'), add_bos=False, special=False)
+
+
+@torch.no_grad()
+def compare(what, model, v, runner, tokenizer=None):
+    """Print and return (relative logit difference, greedy tokens all identical, tokenizer ids identical
+    or None): the export's logits over a fixed prompt against ours, its greedy continuation against
+    our engine's, and its tokenizer against ours on SAMPLE."""
+    logits_of, greedy, encode = runner
+    g = torch.Generator().manual_seed(0)
+    ordinary = sorted(v['ranks'].values())  # the prompt holds no special tokens
+    length = min(24, model.config.block_size // 2)
+    prompt = [ordinary[i] for i in torch.randint(len(ordinary), (length,), generator=g).tolist()]
+    new = min(32, model.config.block_size - length)
+    idx = torch.tensor([prompt])
+    ours = model(idx, targets=torch.zeros_like(idx))[0][0, :, :v['n']]
+    err = ((ours - logits_of(prompt)).abs().max() / ours.abs().max()).item()
+    mine, theirs = ours_greedy(model, prompt, new, v['n']), greedy(prompt, new)
+    same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), new)
+    line = f"{what}: logits within {err:.1e} (relative) of ours; greedy tokens: {same} of {new} identical"
+    ids_same = None
+    if tokenizer is not None:
+        text = ''.join(c for c in SAMPLE if c.encode('utf-8') in v['ranks']) if v['kind'] == 'char' else SAMPLE
+        ids_same = encode(text) == tokenizer.encode(text)
+        line += f"; tokenizer: {'the same' if ids_same else 'DIFFERENT'} ids on a {len(text)}-character sample"
+    print(line)
+    return err, same == new, ids_same
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    if format not in ('hf', 'gguf'):
+        fail(f"format must be 'hf' or 'gguf', not '{format}'")
+    if dtype not in TORCH_DTYPES or (format == 'gguf' and dtype == 'bfloat16'):
+        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ' or float16'}, not '{dtype}'")
+    try:
+        model, checkpoint = load_checkpoint(out_dir)
+        meta_path = meta_path_for(out_dir, (checkpoint.get('config') or {}).get('dataset'))
+        meta = read_meta(meta_path) if meta_path else None
+        v = vocabulary(meta)
+        try:  # ours, to check the exported tokenizer against
+            tokenizer = tokenizer_from_meta(meta) if meta is not None else gpt2_tokenizer()
+        except ValueError:  # a kind this tokenizer.py does not read: the export is not compared with it
+            tokenizer = None
+        if format == 'hf':
+            hf_class(model.config)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        fail(str(e))
+    model.eval()
+    if not v['n'] <= model.config.vocab_size <= -(-v['n'] // 128) * 128:  # at most padding beyond the tokenizer's ids
+        fail(f"the tokenizer ({v['kind']}, {v['n']} ids) does not fit the model's vocabulary of "
+             f"{model.config.vocab_size}: is meta.pkl missing from the out_dir, or from another dataset?")
+    dest = to or os.path.normpath(out_dir) + ('-hf' if format == 'hf' else '.gguf')
+    if os.path.exists(dest) and not overwrite:
+        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+
+    # everything goes into a temporary path beside dest, renamed into place once written and checked
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    try:
+        if format == 'hf':
+            os.makedirs(tmp)
+            write_hf(model, v, meta, tmp, dtype)
+        else:
+            try:
+                import gguf  # noqa: F401  (llama.cpp's own writer, needed for this format only)
+            except ImportError:
+                fail("--format=gguf needs the gguf package: pip install gguf")
+            write_gguf(model, v, tmp, dtype, name=os.path.basename(os.path.normpath(out_dir)))
+        if check and format == 'hf':
+            err, same, ids_same = compare('transformers', model, v, hf_runner(tmp), tokenizer)
+            if dtype == 'float32' and (err > 1e-4 or not same or ids_same is False):
+                fail("the export does not compute what our model and tokenizer do; nothing written")
+        elif check:
+            runner = llama_cpp_runner(tmp, model.config.block_size)
+            if runner is None:
+                print("llama-cpp-python is not installed: the GGUF file is not checked against llama.cpp")
+            else:
+                compare('llama.cpp', model, v, runner, tokenizer)
+        if os.path.exists(dest):  # --overwrite: the old export goes only once the new one is whole
+            old = f"{dest}.old-{os.getpid()}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        else:
+            os.replace(tmp, dest)
+    except ValueError as e:
+        fail(str(e))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    what = f"{hf_class(model.config)} directory" if format == 'hf' else 'GGUF file'
+    print(f"wrote {dest}: {what}, {dtype}, vocabulary of {v['n']} ({v['kind']})")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()
