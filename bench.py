@@ -225,7 +225,7 @@ def run_ours(model, prompts, n_new, generator):
     """Times of: the call, and each new token's arrival, for the engine (made inside the timing,
     as sample.py makes it for every batch)."""
     t0 = now()
-    engine = Engine(model, len(prompts), n_new)
+    engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1))
     rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i)
             for i, p in enumerate(prompts.tolist())]
     engine.add(rows)

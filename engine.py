@@ -86,13 +86,17 @@ class Engine:
     ALiBi models (which read past block_size). Every prompt is cropped to its last block_size
     tokens. Token ids >= vocab_size (a padded vocabulary's extra rows) are never sampled."""
 
-    def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None):
+    def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
         weight = model.lm_head.weight
         self.device = weight.device
-        self.window = cfg.block_size
-        max_len = cfg.block_size if cfg.learned_positions else cfg.block_size + max_new_tokens
+        # prompts are cropped to the last block_size tokens; a caller that knows its prompts are
+        # shorter (sample.py) gets a smaller cache, which is quicker to allocate
+        self.window = min(longest_prompt or cfg.block_size, cfg.block_size)
+        max_len = self.window + max_new_tokens
+        if cfg.learned_positions:
+            max_len = min(max_len, cfg.block_size)
         self.cache = KVCache(cfg, max_rows, max_len, weight.device, weight.dtype)
         self.vocab_size = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
         self.rng = random.Random(seed)
@@ -123,6 +127,8 @@ class Engine:
                                    f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
             if row.max_tokens > self.max_new_tokens:
                 raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; the limit is {self.max_new_tokens}")
+            if self.window < self.model.config.block_size and len(row.prompt) > self.window:
+                raise SettingError('prompt', f"the prompt has {len(row.prompt)} tokens; this engine takes {self.window}")
         groups = {}  # each distinct (cropped) prompt and its rows, in order
         for row in rows:
             groups.setdefault(tuple(row.prompt[-self.window:]), []).append(row)
@@ -240,7 +246,7 @@ class Engine:
         sees exactly the window that nanoGPT's crop sees."""
         if self.cache.lengths[slot] < self.cache.max_len or not self.model.config.learned_positions:
             return
-        window = (row.prompt + row.tokens)[-self.window:-1]
+        window = (row.prompt + row.tokens)[-self.model.config.block_size:-1]
         view = self.cache.rows(slot, slot + 1)
         view.lengths = [0]
         self.model.hidden_states(torch.tensor([window], device=self.device), cache=view)
@@ -370,7 +376,7 @@ def generate(model, prompts, max_new_tokens, seed=None, **settings):
     """What nanoGPT's model.generate did, through the engine: the new token ids for each prompt
     (a list of id lists, one row each, generated together). settings: Row's (temperature, top_k, ...);
     row i draws from seed + i."""
-    engine = Engine(model, len(prompts), max_new_tokens, seed=seed)
+    engine = Engine(model, len(prompts), max_new_tokens, seed=seed, longest_prompt=max(map(len, prompts)))
     rows = [Row(p, max_new_tokens, seed=None if seed is None else seed + i, **settings) for i, p in enumerate(prompts)]
     engine.add(rows)
     while engine.rows:

@@ -140,9 +140,10 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     """Continue each prompt (a list of strings, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
-    engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed)
     rows = [Row(tokenizer.encode_prompt(p), max_new_tokens, seed=None if seed is None else seed + i,
                 stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
+    engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
+                    longest_prompt=max(len(row.prompt) for row in rows))
     index = {id(row): i for i, row in enumerate(rows)}
     for row in rows:
         row.text = TextStream(tokenizer, stop, row.stop_tokens)
