@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, check_device_dtype
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -42,7 +42,7 @@ bias = True
 vocab_size = 0  # 0: 50304 to train (GPT-2's 50257 padded to a multiple of 64), 50257 to sample (transformers' GPT-2)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 # train mode
 batch_size = 12
 real_data = True  # batches from data/<dataset>/train.bin; False: random tokens (no data needed)
@@ -74,6 +74,7 @@ configure(globals())
 if mode not in ('train', 'sample'):
     fail(f"mode must be 'train' or 'sample', not '{mode}'")
 try:
+    dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))

@@ -32,7 +32,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, load_checkpoint
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -92,7 +92,7 @@ min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
 backend = 'auto'  # 'nccl' | 'gloo' | 'auto' (nccl on CUDA, gloo on CPU)
 # system
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
 compile = True  # torch.compile the model (PyTorch 2)
 peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # -----------------------------------------------------------------------------
@@ -106,6 +106,7 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 # -----------------------------------------------------------------------------
 
 try:
+    dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
