@@ -19,6 +19,7 @@ References:
 import inspect
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -543,7 +544,8 @@ def auto_dtype(device, dtype):
                   if f in flags or (not flags and getattr(torch.cpu, probe, lambda: False)())]
         name = 'bfloat16' if native else 'float32'
         why = f"this CPU has {native[0]}" if native else "this CPU has no native bfloat16 (AVX-512 BF16 or AMX)"
-    print(f"dtype: {name} (auto: {why}; --dtype=float32 to override)")
+    # stderr: sample.py's stdout is the samples themselves
+    print(f"dtype: {name} (auto: {why}; --dtype=float32 to override)", file=sys.stderr)
     return name
 
 

@@ -27,7 +27,7 @@ def tiny(seed=0, **overrides):
 def test_auto_dtype_on_cpu_follows_the_flags(monkeypatch, capsys, flags, expected):
     monkeypatch.setattr(model_module, 'cpu_flags', lambda: flags)
     assert auto_dtype('cpu', 'auto') == expected
-    line = capsys.readouterr().out.strip()
+    line = capsys.readouterr().err.strip()
     assert line.startswith(f"dtype: {expected} (auto: ") and len(line.splitlines()) == 1
     assert check_device_dtype('cpu', 'auto') == model_module.DTYPES[expected]
 
@@ -54,7 +54,7 @@ def test_an_explicit_dtype_is_kept_silently(monkeypatch, capsys):
     for name in ('float32', 'bfloat16', 'float16'):
         assert auto_dtype('cpu', name) == name
     assert check_device_dtype('cpu', 'float32') == torch.float32
-    assert capsys.readouterr().out == ''
+    assert capsys.readouterr().err == ''
     with pytest.raises(ValueError, match='auto, float32'):
         check_device_dtype('cpu', 'int8')
 
