@@ -101,3 +101,19 @@ def test_int8_linear_without_bias_and_on_3d_input():
         ref, got = lin(x), q(x)
     assert got.shape == (2, 5, 48)
     assert ((ref - got).abs().max() / ref.abs().max()).item() < 2e-2
+
+
+def test_gguf_q8_0_export(tmp_path):
+    gguf = pytest.importorskip('gguf')
+    from export import vocabulary, write_gguf
+    chars = [chr(c) for c in range(32, 32 + TINY['vocab_size'])]
+    v = vocabulary({'vocab_size': len(chars), 'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))})
+    model = tiny()
+    write_gguf(model, v, str(tmp_path / 'm.gguf'), 'q8_0')
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / 'm.gguf')).tensors}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    assert tensors['blk.0.ffn_up.weight'].tensor_type == q8 and tensors['token_embd.weight'].tensor_type == q8
+    assert tensors['position_embd.weight'].tensor_type == gguf.GGMLQuantizationType.F32
+    back = gguf.quants.dequantize(tensors['blk.0.ffn_up.weight'].data, q8)
+    ref = model.transformer.h[0].mlp.c_fc.weight.detach().numpy()
+    assert back.shape == ref.shape and abs(back - ref).max() <= abs(ref).max() / 100
