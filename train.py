@@ -176,7 +176,7 @@ def lock_out_dir():
         os.ftruncate(fd, 0)
         os.write(fd, f"train.py pid {os.getpid()} on {socket.gethostname()}".encode())
         # a temporary checkpoint left by a killed run: no one else writes here while we hold the lock
-        for path in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')) + glob.glob(os.path.join(out_dir, 'ckpt-shards-*.tmp')):
+        for path in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')) + glob.glob(os.path.join(out_dir, 'ckpt-shards.tmp')):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             print(f"removed {path}, left by an interrupted save")
     except OSError as e:
@@ -398,14 +398,18 @@ def get_lr(it):
 
 
 def save_shards():
-    """FSDP: every rank writes its shard of the weights and optimizer state into ckpt-shards-<iter>.tmp,
-    which rank 0 renames; ckpt.pt names the directory, so its own atomic rename commits both."""
+    """FSDP: every rank writes its shard of the weights and optimizer state into ckpt-shards.tmp, which
+    rank 0 renames to ckpt-shards-<iter>; ckpt.pt names the directory, so its own atomic rename commits both."""
+    tmp_dir = os.path.join(out_dir, 'ckpt-shards.tmp')
     name = f'ckpt-shards-{iter_num:06d}'
-    tmp_dir = os.path.join(out_dir, name + '.tmp')
     try:
         dcp.save(dict(zip(('model', 'optimizer'), get_state_dict(raw_model, optimizer))), checkpoint_id=tmp_dir)
         if master_process:
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)  # left by a run killed before its ckpt.pt
+            # a new name every time: the directory the current ckpt.pt names stays whole until ckpt.pt moves on
+            for n in range(1, 1000):
+                if not os.path.exists(os.path.join(out_dir, name)):
+                    break
+                name = f'ckpt-shards-{iter_num:06d}-{n}'
             os.rename(tmp_dir, os.path.join(out_dir, name))
     except Exception as e:
         if master_process:
@@ -423,6 +427,7 @@ def remove_old_shards(keep):
 
 def save_checkpoint():
     global saved_iter
+    shards = None
     if fsdp:  # collectives: every rank takes part
         shards = save_shards()
         # consolidated weights on rank 0 only, for sample.py, serve.py and export.py
@@ -471,8 +476,7 @@ def save_checkpoint():
         fail(f"could not save the checkpoint to {ckpt_path}: {reason} (it needs {megabytes(tensor_bytes(checkpoint))}, "
              f"{megabytes(shutil.disk_usage(out_dir).free)} free); {last_checkpoint()}")
     saved_iter = iter_num
-    if fsdp:
-        remove_old_shards(keep=shards)
+    remove_old_shards(keep=shards)  # also those of an FSDP run this one resumed
 
 
 def tensor_bytes(obj):
