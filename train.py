@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 
@@ -318,10 +319,30 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
 for group in optimizer.param_groups:
     group.setdefault('initial_lr', group['lr'])  # the schedule scales each group's own peak rate
+
+
+def dcp_reason(e):
+    """One line for a failed sharded save or load: torch.distributed.checkpoint wraps each rank's exception."""
+    if isinstance(e, dcp.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__).splitlines()[0]
+
+
+if checkpoint is not None and checkpoint.get('config', {}).get('optimizer', 'adamw') != config['optimizer']:
+    fail(f"{ckpt_path} was trained with optimizer='{checkpoint['config']['optimizer']}': its state does not fit "
+         f"optimizer='{config['optimizer']}'")
 if checkpoint is not None and 'shards' in checkpoint:
     # saved under FSDP: weights and optimizer state from the shards, resharded to this run's ranks (or none)
+    shards_dir = os.path.join(out_dir, checkpoint['shards'])
+    if not os.path.exists(os.path.join(shards_dir, '.metadata')):
+        fail(f"cannot load the sharded checkpoint {shards_dir}: it is missing or incomplete")
     state = dict(zip(('model', 'optimizer'), get_state_dict(model, optimizer)))
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, checkpoint['shards']))
+    try:
+        with warnings.catch_warnings():  # in one process it warns that it loads in one process
+            warnings.simplefilter('ignore')
+            dcp.load(state, checkpoint_id=shards_dir, no_dist=not ddp)
+    except (Exception, dcp.CheckpointException) as e:  # a damaged shard
+        fail(f"cannot load the sharded checkpoint {shards_dir}: {dcp_reason(e)}")
     set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
 elif checkpoint is not None:
     if fsdp:
@@ -411,11 +432,10 @@ def save_shards():
                     break
                 name = f'ckpt-shards-{iter_num:06d}-{n}'
             os.rename(tmp_dir, os.path.join(out_dir, name))
-    except Exception as e:
+    except (Exception, dcp.CheckpointException) as e:  # a full disk, no permission; an interrupt passes on
         if master_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        fail(f"could not save the sharded checkpoint to {tmp_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-             f"{last_checkpoint()}")
+        fail(f"could not save the sharded checkpoint to {tmp_dir}: {dcp_reason(e)}; {last_checkpoint()}")
     return name
 
 

@@ -59,12 +59,19 @@ def test_fsdp_matches_ddp_and_resumes_exactly(workdir):
     assert eval_losses(one.stdout, 30) == eval_losses(resumed.stdout, 30)
 
 
-def test_fsdp_muon_with_activation_checkpointing_matches_ddp(workdir):
-    muon = ['--optimizer=muon', '--max_iters=30', '--eval_interval=30']
-    ddp = iter_losses(torchrun(workdir, '--out_dir=out-ddp', *muon).stdout)
-    fsdp = iter_losses(torchrun(workdir, '--out_dir=out-fsdp', '--fsdp=True', '--activation_checkpointing=True',
-                                *muon).stdout)
-    assert_close(ddp, fsdp, range(31))
+def test_fsdp_muon_with_activation_checkpointing_matches_ddp_and_resumes(workdir):
+    muon = ['--optimizer=muon', '--eval_interval=15']
+    ddp = iter_losses(torchrun(workdir, '--out_dir=out-ddp', '--max_iters=30', *muon).stdout)
+    fsdp = ['--out_dir=out-fsdp', '--fsdp=True', '--activation_checkpointing=True', *muon]
+    first = iter_losses(torchrun(workdir, '--max_iters=15', *fsdp).stdout)
+    resumed = iter_losses(torchrun(workdir, '--max_iters=30', '--init_from=resume', *fsdp).stdout)
+    assert_close(ddp, {**first, **resumed}, range(31))
+    # the optimizer must match the shards' state; a damaged shard directory is one line, not a traceback
+    proc = train(workdir, '--max_iters=31', '--init_from=resume', '--out_dir=out-fsdp', '--optimizer=adamw', check=False)
+    assert proc.returncode == 1 and "trained with optimizer='muon'" in proc.stderr
+    (workdir / 'out-fsdp' / 'ckpt-shards-000030' / '.metadata').unlink()
+    proc = train(workdir, '--max_iters=31', '--init_from=resume', '--out_dir=out-fsdp', *muon, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith('error: cannot load the sharded checkpoint'), proc.stderr
 
 
 def test_activation_checkpointing_keeps_dropout_losses(workdir):
