@@ -381,8 +381,9 @@ def estimate_loss():
             losses[k] = loss.item()
         out[split] = losses.mean()
         if fsdp:  # every rank evaluated the same batches: averaging makes their save decisions agree bit for bit
-            torch.distributed.all_reduce(out[split])
-            out[split] /= ddp_world_size
+            mean = out[split].to(device)  # nccl reduces GPU tensors only
+            torch.distributed.all_reduce(mean)
+            out[split] = mean.cpu() / ddp_world_size
     model.train()
     return out
 
