@@ -37,7 +37,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed import destroy_process_group, init_process_group
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
@@ -344,12 +344,18 @@ if checkpoint is not None and 'shards' in checkpoint:
     except (Exception, dcp.CheckpointException) as e:  # a damaged shard
         fail(f"cannot load the sharded checkpoint {shards_dir}: {dcp_reason(e)}")
     set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+elif checkpoint is not None and fsdp:
+    # saved without FSDP: its optimizer state numbers the parameters in the groups' order; name them and shard it
+    names = {p: n for n, p in model.named_parameters()}
+    fqns = [names[p] for group in optimizer.param_groups for p in group['params']]
+    saved = checkpoint['optimizer']
+    set_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True), optim_state_dict={
+        'state': {fqns[i]: state for i, state in saved['state'].items()},
+        'param_groups': [{**group, 'params': [fqns[i] for i in group['params']]} for group in saved['param_groups']]})
 elif checkpoint is not None:
-    if fsdp:
-        fail(f"{ckpt_path} was saved without fsdp: resume it without --fsdp=True")
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if 'scaler' in checkpoint:
-        scaler.load_state_dict(checkpoint['scaler'])
+if checkpoint is not None and 'scaler' in checkpoint:
+    scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
 
 raw_model = model
