@@ -177,7 +177,7 @@ def lock_out_dir():
         os.ftruncate(fd, 0)
         os.write(fd, f"train.py pid {os.getpid()} on {socket.gethostname()}".encode())
         # a temporary checkpoint left by a killed run: no one else writes here while we hold the lock
-        for path in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')) + glob.glob(os.path.join(out_dir, 'ckpt-shards.tmp')):
+        for path in glob.glob(os.path.join(out_dir, 'ckpt*.tmp')):  # ckpt.pt.<pid>.tmp, ckpt-shards.tmp
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             print(f"removed {path}, left by an interrupted save")
     except OSError as e:
