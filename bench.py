@@ -19,13 +19,19 @@ $ torchrun --standalone --nproc_per_node=2 bench.py --device=cpu --dtype=float32
 sample: prefill and decode tokens/s of the decode engine (engine.py, what sample.py and serve.py
 run), side by side with nanoGPT's uncached loop (written out below as the reference) and, with
 compare_hf=True, transformers' generate on the same weights (GPT2LMHeadModel, or NanoChatForCausalLM
-for nanochat's architecture: export.py's mapping).
+for nanochat's architecture: export.py's mapping) and, with compare_llamacpp=True (llama-cpp-python
+installed), llama.cpp on the same weights through export.py's GGUF writer (f32, f16 and q8_0, batch 1;
+ours in float32 and with int8 Linears join the table to pair with them).
 
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
+$ python bench.py --mode=sample --compare_hf=True --compare_llamacpp=True --compare_uncached=False --repeats=3
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
 """
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -38,7 +44,7 @@ from torch.nn import functional as F
 
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, check_device_dtype
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, quantize_int8
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -52,7 +58,7 @@ bias = True
 vocab_size = 0  # 0: 50304 to train (GPT-2's 50257 padded to a multiple of 64), 50257 to sample (transformers' GPT-2)
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 # train mode
 batch_size = 12
 real_data = True  # batches from data/<dataset>/train.bin; False: random tokens (no data needed)
@@ -75,6 +81,8 @@ max_new_tokens = 128
 temperature = 1.0
 top_k = 200  # 0 = no limit
 compare_hf = False  # also time transformers' generate (KV cache on) with the same weights
+compare_llamacpp = False  # also time llama.cpp (llama-cpp-python) on GGUF exports of the same weights, batch 1
+quantize = ''  # 'int8': our model with int8 Linears, as sample.py --quantize=int8
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
 # -----------------------------------------------------------------------------
@@ -84,6 +92,7 @@ configure(globals())
 if mode not in ('train', 'sample'):
     fail(f"mode must be 'train' or 'sample', not '{mode}'")
 try:
+    dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
@@ -373,6 +382,51 @@ def run_hf(hf, prompts, n_new, generator):
     return t0, clock.times[1:]
 
 
+def llamacpp_twins(model, tmpdir):
+    """(name, llama.cpp Llama) for GGUF exports of our weights (export.py's writer) in f32, f16 and q8_0."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        fail("compare_llamacpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from export import vocabulary, write_gguf
+    from tokenizer import meta_path_for
+    path = meta_path_for(out_dir) if init_from == 'resume' else None
+    meta = read_meta(path) if path else None  # None: GPT-2's tokenizer (random weights, transformers' GPT-2)
+    f32 = GPT(model.config).eval()
+    f32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    twins = []
+    for kind, export_dtype in [('f32', 'float32'), ('f16', 'float16'), ('q8_0', 'q8_0')]:
+        path = os.path.join(tmpdir, f'model-{kind}.gguf')
+        try:
+            write_gguf(f32, vocabulary(meta), path, export_dtype)
+        except ValueError as e:
+            fail(f"compare_llamacpp: {e}")
+        llm = Llama(model_path=path, n_ctx=prompt_tokens + max_new_tokens + 8, n_threads=torch.get_num_threads(),
+                    n_threads_batch=torch.get_num_threads(), seed=seed, verbose=False)
+        twins.append((f"llama.cpp {kind}", run_llamacpp, llm))
+    return twins
+
+
+def twin(model, ptdtype):
+    """A copy of our model with its weights in ptdtype."""
+    copy = GPT(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy.to(device=device, dtype=ptdtype)
+
+
+def run_llamacpp(llm, prompts, n_new, generator):
+    """llama-cpp-python's generate (batch 1), timed like ours: each token's arrival after the call."""
+    llm.reset()  # else generate reuses the cached prompt and skips the prefill
+    t0 = now()
+    times = []
+    for _ in llm.generate(prompts[0].tolist(), top_k=top_k, top_p=1.0, min_p=0.0, temp=temperature,
+                          repeat_penalty=1.0):
+        times.append(now())
+        if len(times) == n_new:
+            break
+    return t0, times
+
+
 def bench_sample():
     if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
         fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
@@ -380,20 +434,34 @@ def bench_sample():
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                            vocab_size=vocab_size or 50257, gelu_approximate='tanh', dropout=0.0)
         model = GPT(config).eval().to(device=device, dtype=ptdtype)
+        if quantize == 'int8':
+            quantize_int8(model)
     else:
         from sample import load_model
         try:
-            model, _, _ = load_model(init_from, out_dir, device, dtype)
+            model, _, _ = load_model(init_from, out_dir, device, dtype, quantize)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
+    if quantize not in ('', 'int8'):
+        fail(f"quantize must be '' or 'int8', not '{quantize}'")
     cfg = model.config
-    impls = [('ours (KV cache)', run_ours, model)]
+    impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
+    if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
+        if quantize:
+            fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")
+        if dtype != 'float32':
+            impls.append(('ours float32', run_ours, twin(model, torch.float32)))
+        impls.append((f"ours {dtype} int8", run_ours, quantize_int8(twin(model, ptdtype))))
     if compare_hf:
         if prompt_tokens + max_new_tokens > cfg.block_size:
             fail(f"compare_hf: prompt_tokens + max_new_tokens must fit in block_size ({cfg.block_size}); "
                  f"transformers' GPT-2 cannot go past it")
         hf = hf_twin(model)
-        impls.append((f"transformers ({hf.config._attn_implementation})", run_hf, hf))
+        impls.append((f"transformers {dtype} ({hf.config._attn_implementation})", run_hf, hf))
+    if compare_llamacpp:
+        tmpdir = tempfile.mkdtemp(prefix='bench-gguf-')
+        atexit.register(shutil.rmtree, tmpdir, True)
+        impls.extend(llamacpp_twins(model, tmpdir))
     if compare_uncached:
         impls.append(('uncached (reference)', run_uncached, model))
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
@@ -407,17 +475,19 @@ def bench_sample():
     with torch.inference_mode():
         for B in batch_sizes:
             prompts = all_prompts[:B]
-            for name, run, m in impls:
+            # llama-cpp-python's generate decodes one sequence: its rows are batch 1 only
+            impls_b = [i for i in impls if B == 1 or i[1] is not run_llamacpp]
+            for name, run, m in impls_b:
                 run(m, prompts, 4, torch.Generator(device=device).manual_seed(seed))  # warm-up
-            best = {name: (float('inf'), float('inf')) for name, _, _ in impls}
+            best = {name: (float('inf'), float('inf')) for name, _, _ in impls_b}
             for _ in range(repeats):
-                for name, run, m in impls:  # take turns, so a busy spell on the machine hits all of them
+                for name, run, m in impls_b:  # take turns, so a busy spell on the machine hits all of them
                     t0, times = run(m, prompts, max_new_tokens, torch.Generator(device=device).manual_seed(seed))
                     assert len(times) == max_new_tokens
                     # prefill: the prompt pass and the first token; decode: the max_new_tokens-1 steps after it
                     prefill, decode = times[0] - t0, times[-1] - times[0]
                     best[name] = (min(best[name][0], prefill), min(best[name][1], decode))
-            for name, _, _ in impls:
+            for name, _, _ in impls_b:
                 prefill_tps = B * prompt_tokens / best[name][0]
                 decode_tps = B * (max_new_tokens - 1) / best[name][1]
                 rows.append((name, B, prefill_tps, decode_tps))
@@ -430,6 +500,15 @@ def bench_sample():
         print(f"{name:<28} {B:>5} {p:>14,.1f} {d:>13,.1f} {ours[B] / d:>9.2f}x")
     print("ours/this: our decode tok/s over this row's (above 1: ours is faster); decode tok/s = batch * "
           "(new tokens - 1) / time from the first new token to the last")
+    decode = {(name, B): d for name, B, _, d in rows}
+    pairs = [('ours float32', 'llama.cpp f32', None), (f'ours {dtype}', 'llama.cpp f16', 0.8),
+             (f'ours {dtype} int8', 'llama.cpp q8_0', 0.8)]
+    pairs += [(f'ours {dtype}', name, 1.3) for name, _, _ in impls if name.startswith('transformers')]
+    for a, b, target in pairs:
+        for B in batch_sizes:
+            if (a, B) in decode and (b, B) in decode:
+                print(f"{a} / {b}, batch {B}: {decode[a, B] / decode[b, B]:.2f}x"
+                      + (f" (target >= {target}x)" if target else ''))
 
 
 if mode == 'train' and 'RANK' in os.environ:

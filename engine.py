@@ -89,7 +89,7 @@ class Engine:
     def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
-        weight = model.lm_head.weight
+        weight = model.transformer.wte.weight  # the model's float dtype even when its Linears are int8
         self.device = weight.device
         # prompts are cropped to the last block_size tokens; a caller that knows its prompts are
         # shorter (sample.py) gets a smaller cache, which is quicker to allocate
@@ -107,8 +107,8 @@ class Engine:
         # that ~1.7x faster with the matrix transposed (measured on GPT-2's head, batch 1; 1.2x at
         # batch 8). In bfloat16 the plain layout is faster. The copy costs vocab * n_embd floats.
         self.head_t = None
-        if weight.device.type == 'cpu' and weight.dtype == torch.float32:
-            self.head_t = weight.detach().t().contiguous()
+        if weight.device.type == 'cpu' and model.lm_head.weight.dtype == torch.float32:
+            self.head_t = model.lm_head.weight.detach().t().contiguous()
 
     # --- joining and leaving ---
 

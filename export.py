@@ -14,7 +14,7 @@ the same function as our model:
   no biases, any n_kv_head, mlp, logit_softcap and head. Our RMSNorm gains fold into the next layer.
 Anything else stops with the switches that no transformers class computes. A padded vocabulary
 (GPT-2's 50257 padded to 50304) is cut to the tokenizer's size.
---format=gguf writes one llama.cpp file of its GPT-2 architecture, float32 or float16 (the gguf
+--format=gguf writes one llama.cpp file of its GPT-2 architecture, float32, float16 or q8_0 (the gguf
 package, imported only here), tokenizer included.
 
 Before the export is put in place it is checked: transformers' (llama.cpp's, when llama-cpp-python is
@@ -37,7 +37,7 @@ from tokenizer import gpt2_tokenizer, meta_path_for, read_meta, tokenizer_from_m
 out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
 format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
 to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
-dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only)
+dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only) | 'q8_0' (gguf only)
 overwrite = False  # replace an existing --to
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
 # -----------------------------------------------------------------------------
@@ -295,7 +295,8 @@ def write_gguf(model, v, path, dtype='float32', name=''):
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == 'float16' else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({'float16': gguf.LlamaFileType.MOSTLY_F16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}.get(
+        dtype, gguf.LlamaFileType.ALL_F32))
     w.add_tokenizer_model('gpt2')
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -320,7 +321,12 @@ def write_gguf(model, v, path, dtype='float32', name=''):
             for kind in ('weight', 'bias'):
                 tensors[f'blk.{i}.{theirs}.{kind}'] = sd[f'transformer.h.{i}.{ours}.{kind}']
     for key, t in tensors.items():
-        # float16 for the matrices only, as llama.cpp's converter does: norms and biases stay float32
+        # float16 or q8_0 for the matrices only, as llama.cpp's converter does: norms and biases stay float32;
+        # q8_0 packs blocks of 32 along a row, and the position table (a lookup, not a matmul) stays float32
+        if dtype == 'q8_0' and t.dim() == 2 and t.shape[1] % 32 == 0 and key != 'position_embd.weight':
+            w.add_tensor(key, gguf.quants.quantize(t.contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
         t = t.to(torch.float16 if dtype == 'float16' and t.dim() == 2 else torch.float32)
         w.add_tensor(key, t.contiguous().numpy())
     w.write_header_to_file()
@@ -421,8 +427,8 @@ def compare(what, model, v, runner, tokenizer=None):
 def main():
     if format not in ('hf', 'gguf'):
         fail(f"format must be 'hf' or 'gguf', not '{format}'")
-    if dtype not in TORCH_DTYPES or (format == 'gguf' and dtype == 'bfloat16'):
-        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ' or float16'}, not '{dtype}'")
+    if dtype not in (TORCH_DTYPES if format == 'hf' else ('float32', 'float16', 'q8_0')):
+        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16 or q8_0'}, not '{dtype}'")
     try:
         model, checkpoint = load_checkpoint(out_dir)
         meta_path = meta_path_for(out_dir, (checkpoint.get('config') or {}).get('dataset'))

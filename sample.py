@@ -17,7 +17,7 @@ import torch
 
 from configurator import configure, fail
 from engine import Engine, Row, SettingError
-from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
+from model import GPT, GPTConfig, check_device_dtype, load_checkpoint, quantize_int8
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -35,15 +35,18 @@ seed = 1337  # sample i draws from its own random stream, seeded with seed + i
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
+quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (faster decoding on a CPU)
 # -----------------------------------------------------------------------------
 
 
-def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32'):
+def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize=''):
     """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
-    where it came from (the checkpoint's iter_num, config, ...). ValueError or FileNotFoundError
+    where it came from (the checkpoint's iter_num, config, ...). quantize='int8': int8 Linears. ValueError or FileNotFoundError
     with a one-line reason for anything that cannot work, a tokenizer that does not fit included."""
     ptdtype = check_device_dtype(device, dtype)
+    if quantize not in ('', 'int8'):
+        raise ValueError(f"quantize must be '' or 'int8', not '{quantize}'")
     if init_from == 'resume':
         model, info = load_checkpoint(out_dir, device)
         info.pop('optimizer', None)
@@ -59,6 +62,8 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32')
     model.eval()
     # inference only: cast the weights once instead of autocasting every op
     model.to(device=device, dtype=ptdtype)
+    if quantize == 'int8':
+        quantize_int8(model)
     return model, tokenizer, info
 
 
@@ -166,7 +171,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
 
 def main():
     try:
-        model, tokenizer, info = load_model(init_from, out_dir, device, dtype)
+        model, tokenizer, info = load_model(init_from, out_dir, device, dtype, quantize)
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
     prompt = start

@@ -33,6 +33,7 @@ import torch
 
 from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError
+from model import auto_dtype
 from sample import TextStream, decode_step, load_model, stop_tokens_of
 from tokenizer import CHAT_ROLES, render_chat
 
@@ -42,7 +43,8 @@ out_dir = 'out'  # ignored unless init_from is 'resume'
 host = '127.0.0.1'  # '0.0.0.0' listens on all interfaces: set api_key too
 port = 8080  # 0 picks a free port (the line "serving ... on http://host:port" says which)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # or 'float16'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
+quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (faster decoding on a CPU)
 max_batch_size = 8  # rows of the engine: requests (times n) decoded together
 max_tokens_limit = 1024  # the largest max_tokens a request may ask for
 max_waiting = 256  # prompts queued for a free row; past that, new requests get 429
@@ -78,7 +80,7 @@ class Loaded:
     """A model with its tokenizer and where it came from. A reload replaces the whole object."""
 
     def __init__(self, init_from, out_dir):
-        self.model, self.tokenizer, self.info = load_model(init_from, out_dir, device, dtype)
+        self.model, self.tokenizer, self.info = load_model(init_from, out_dir, device, dtype, quantize)
         self.init_from, self.out_dir, self.created = init_from, out_dir, int(time.time())
         self.name = os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
 
@@ -90,7 +92,8 @@ class Loaded:
                 'out_dir': self.out_dir if self.init_from == 'resume' else None,
                 'parameters': self.model.get_num_params(), 'model_args': vars(cfg), 'config': self.info.get('config'),
                 'iter_num': self.info.get('iter_num'), 'best_val_loss': best, 'tokenizer': self.tokenizer.name,
-                'vocab_size': cfg.vocab_size, 'block_size': cfg.block_size, 'device': device, 'dtype': dtype}
+                'vocab_size': cfg.vocab_size, 'block_size': cfg.block_size, 'device': device, 'dtype': dtype,
+                'quantize': quantize or None}
 
 
 # -----------------------------------------------------------------------------
@@ -687,10 +690,11 @@ class Server(ThreadingHTTPServer):
 
 
 def main():
-    global worker, trainer, load_lock
+    global worker, trainer, load_lock, dtype
     if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1:
         sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout must be >= 1")
     try:
+        dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
         loaded = Loaded(init_from, out_dir)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

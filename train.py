@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, load_checkpoint
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -103,7 +103,7 @@ fsdp = False  # under torchrun: shard weights, gradients and optimizer state acr
 activation_checkpointing = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
 # system
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'
+dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
 compile = True  # torch.compile the model (PyTorch 2)
 peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # -----------------------------------------------------------------------------
@@ -117,6 +117,7 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 # -----------------------------------------------------------------------------
 
 try:
+    dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))

@@ -7,7 +7,7 @@ exec(open('config/train_shakespeare_char.py').read())
 
 device = 'cpu'
 compile = False
-dtype = 'float32'
+dtype = 'auto'  # bfloat16 autocast on CPUs with native bfloat16 (float32 weights and optimizer), else float32
 eval_iters = 20
 log_interval = 1
 block_size = 64
