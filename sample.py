@@ -111,7 +111,10 @@ class TextStream:
 
 
 def stop_tokens_of(tokenizer):
-    return [] if tokenizer.eot is None else [tokenizer.eot]
+    """The ids that end a generation: <|endoftext|>, and a chat model's <|assistant_end|> (and
+    <|bos|>, which only ever starts a new conversation)."""
+    chat = [tokenizer.special_tokens[name] for name in ('<|assistant_end|>', '<|bos|>') if name in tokenizer.special_tokens]
+    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat
 
 
 def decode_step(engine):
