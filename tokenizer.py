@@ -76,7 +76,8 @@ def tiktoken_tokenizer(name, enc, special_tokens, key):
     """A Tokenizer over a tiktoken Encoding: ordinary text never becomes a special token."""
     eot = enc.eot_token if '<|endoftext|>' in enc.special_tokens_set else None
     # a prompt may hold <|endoftext|> as nanoGPT's sample.py allows; training text never does
-    encode_prompt = (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})) if eot is not None else None
+    encode_prompt = ((lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}, disallowed_special=()))
+                     if eot is not None else None)
     return Tokenizer(name, enc.encode_ordinary, enc.decode_bytes, enc.n_vocab, eot=eot, encode_prompt=encode_prompt,
                      special_tokens=special_tokens, key=key)
 
