@@ -76,12 +76,12 @@ def sub_reply(a, b):
 
 
 def count_reply(word, letter):
-    # spell the word with a running count
+    # spell the word with a running count, a letter a line: every step is the same few tokens
     steps, n = [], 0
     for c in word:
         n += c == letter
         steps.append(f"{c}={n}")
-    return f"{' '.join(steps)}. Answer: {n}"
+    return '\n'.join(steps) + f"\nAnswer: {n}"
 
 
 def make_word(rng):
