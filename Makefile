@@ -14,9 +14,10 @@ demo: install
 	python sample.py --out_dir=out-shakespeare-char --device=cpu --num_samples=3 --max_new_tokens=300
 
 # build the chat task, train a chat model on it (minutes on 2 CPU cores), score it on held-out questions.
-# One thread: a model this small gains nothing from a second, and on a busy machine loses a lot
+# A small vocabulary keeps the task's made-up words one letter a token; one thread: a model this small
+# gains nothing from a second, and on a busy machine loses a lot
 chat-demo: install
-	python data/chat/prepare.py --task=arith
+	python data/chat/prepare.py --task=arith --vocab_size=320
 	OMP_NUM_THREADS=1 python train.py config/train_chat_demo.py
 	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-chat --device=cpu --input=data/chat/val.jsonl
 	@echo "chat with it:  python sample.py --out_dir=out-chat --device=cpu --chat=True --temperature=0"
