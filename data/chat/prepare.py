@@ -88,7 +88,7 @@ def count_reply(word, letter):
 def make_word(rng):
     # made-up words of random letters: a held-out word is new, so the count must be worked out, not
     # recalled, and no pair of letters is common enough for the tokenizer to merge: a letter is a token
-    return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 8)))
+    return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 6)))
 
 
 def task_question(rng):
