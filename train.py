@@ -459,30 +459,31 @@ def save_checkpoint():
     }
     # crash-safe: write a temporary file, flush it to disk, then atomically rename it over
     # ckpt.pt. A kill at any moment leaves either the old or the new checkpoint, whole.
+    global saving, saved_iter
     tmp_path = os.path.join(out_dir, f'ckpt.pt.{os.getpid()}.tmp')
+    saving = True
     try:
         with open(tmp_path, 'wb') as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, ckpt_path)
-    except BaseException as e:  # a full disk, no permission, Ctrl-C: never leave the partial file
+        saved_iter = iter_num
+    except Exception as e:  # a full disk, no permission: never leave the partial file
         with contextlib.suppress(OSError):
             os.remove(tmp_path)
-        # torch.save reports a failed write, and a Ctrl-C during one, as a RuntimeError raised while
-        # handling the exception that says what happened
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
         chain = [e]
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        interrupt = next((c for c in chain if not isinstance(c, Exception)), None)
-        if interrupt is not None:
-            raise interrupt
         os_error = next((c for c in chain if isinstance(c, OSError) and c.strerror), None)
         reason = os_error.strerror if os_error else f"{type(e).__name__}: {e}".splitlines()[0]
         fail(f"could not save the checkpoint to {ckpt_path}: {reason} (it needs {megabytes(tensor_bytes(checkpoint))}, "
              f"{megabytes(shutil.disk_usage(out_dir).free)} free); {last_checkpoint()}")
-    global saved_iter
-    saved_iter = iter_num
+    finally:
+        saving = False
+    if pending_signal is not None:  # a Ctrl-C that came during the save ends the run now that it is whole
+        raise KeyboardInterrupt(pending_signal)
 
 
 def tensor_bytes(obj):
@@ -511,12 +512,19 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
+saving, pending_signal = False, None
+
+
 def interrupted(signum, frame):
-    raise KeyboardInterrupt(signum)
+    global pending_signal
+    if saving:  # an exception raised inside torch.save's writer can abort the process: finish the save first
+        pending_signal = signum
+    else:
+        raise KeyboardInterrupt(signum)
 
 
-# Ctrl-C and SIGTERM (a scheduler's stop, torchrun's shutdown) end the run with one line; a save
-# they interrupt removes its temporary file on the way out
+# Ctrl-C and SIGTERM (a scheduler's stop, torchrun's shutdown) end the run with one line; one
+# that arrives during a save takes effect as soon as the checkpoint is whole
 signal.signal(signal.SIGINT, interrupted)
 signal.signal(signal.SIGTERM, interrupted)
 
