@@ -169,8 +169,8 @@ def test_torchrun_ddp_gloo_matches_single_process(workdir):
                           env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('step 10:') == 1  # only rank 0 logs
-    s = re.search(r'step 10: train loss (\S+), val loss (\S+)', single.stdout).groups()
-    d = re.search(r'step 10: train loss (\S+), val loss (\S+)', proc.stdout).groups()
+    s = re.search(r'step 10: train loss ([\d.]+), val loss ([\d.]+)', single.stdout).groups()
+    d = re.search(r'step 10: train loss ([\d.]+), val loss ([\d.]+)', proc.stdout).groups()
     assert all(abs(float(x) - float(y)) < 2e-3 for x, y in zip(s, d)), (s, d)
     assert (workdir / 'out-ddp' / 'ckpt.pt').exists()
 

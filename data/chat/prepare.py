@@ -76,13 +76,13 @@ def sub_reply(a, b):
 
 
 def count_reply(word, letter):
-    # a line per letter of the word: the letter, the one counted and the count so far. Each line is
-    # the same few tokens and repeats the counted letter, so a step compares two neighbouring tokens
+    # the counted letter first, then a line per letter of the word with the count so far: a letter
+    # at the start of a line is a token of its own, the same token as the counted letter above
     steps, n = [], 0
     for c in word:
         n += c == letter
-        steps.append(f"{c} {letter} {n}")
-    return '\n'.join(steps) + f"\nAnswer: {n}"
+        steps.append(f"{c}={n}")
+    return f"{letter}:\n" + '\n'.join(steps) + f"\nAnswer: {n}"
 
 
 def make_word(rng):
