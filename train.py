@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, check_device_dtype, load_checkpoint
-from tokenizer import check_vocab, load_tokenizer, read_meta
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -299,7 +299,7 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         model, base = load_checkpoint(init_from, device,
                                       dropout=None if dropout == architecture_defaults['dropout'] else dropout)
         base_tokenizer = load_tokenizer(init_from, (base.get('config') or {}).get('dataset'))
-        data_tokenizer = load_tokenizer(dataset=dataset)
+        data_tokenizer = tokenizer_from_meta(meta) if meta else gpt2_tokenizer()
         # ordinary text must get the same ids; the data may add special tokens the model has room for
         if base_tokenizer.key != data_tokenizer.key or any(data_tokenizer.special_tokens.get(k) != v
                                                            for k, v in base_tokenizer.special_tokens.items()):
@@ -344,7 +344,7 @@ def tokens_per_byte():
     """Val targets (the counted ones) per byte of their text: loss / ln 2 times this is bits per
     byte, which compares across tokenizers. None when the tokenizer cannot be loaded here."""
     try:
-        lengths = np.array(load_tokenizer(dataset=dataset).byte_lengths())
+        lengths = np.array((tokenizer_from_meta(meta) if meta else gpt2_tokenizer()).byte_lengths())
     except Exception as e:  # e.g. GPT-2's BPE files are neither cached nor downloadable
         print(f"no bits per byte: cannot load the tokenizer ({type(e).__name__}: {e})")
         return None
