@@ -10,6 +10,12 @@ $ python bench.py                                   # GPT-2 124M on a GPU
 $ python bench.py --device=cpu --real_data=False --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=4
 $ python bench.py --profile=True
 
+Under torchrun, train mode compares DDP, FSDP and FSDP + activation checkpointing on one model: time
+per iteration and, per rank, the parameters + gradients + optimizer state it holds and the activations
+its forward keeps for the backward (on a GPU also CUDA's peak allocated memory).
+$ torchrun --standalone --nproc_per_node=2 bench.py --device=cpu --dtype=float32 --real_data=False \
+    --block_size=256 --batch_size=1 --warmup_iters=1 --max_iters=1
+
 sample: prefill and decode tokens/s of the decode engine (engine.py, what sample.py and serve.py
 run), side by side with nanoGPT's uncached loop (written out below as the reference) and, with
 compare_hf=True, transformers' generate on the same weights (GPT2LMHeadModel, or NanoChatForCausalLM
@@ -18,12 +24,16 @@ for nanochat's architecture: export.py's mapping).
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
 """
+import contextlib
 import os
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn import functional as F
 
 from configurator import configure, fail
@@ -169,6 +179,103 @@ def bench_train():
             mfu = raw_model.estimate_mfu(batch_size, per_iter, peak_flops)
             print(f"time per iteration: {per_iter * 1000:.4f}ms, {batch_size * block_size / per_iter:,.0f} tok/s, "
                   f"MFU: {mfu * 100:.2f}%")
+
+
+def held_bytes(model, optimizer):
+    """Bytes of the parameters, gradients and optimizer state this rank holds: under FSDP, its shards."""
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd keeps for the backward while it is active: every tensor a forward
+    saves, once per storage, leaving out the parameters (FSDP's gathered ones included). Activation
+    checkpointing keeps only each block's input, which its checkpoint saves through the same hooks."""
+
+    def __init__(self, model):
+        self.bytes, self.seen = 0, set()
+
+        def pack(t):
+            storage = t.untyped_storage()
+            params = {p.untyped_storage().data_ptr() for p in model.parameters() if not isinstance(p, DTensor)}
+            if storage.data_ptr() not in self.seen and storage.data_ptr() not in params:
+                self.seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+            return t
+        super().__init__(pack, lambda t: t)
+
+
+def bench_parallel():
+    """DDP, FSDP and FSDP + activation checkpointing on the same model and batch, one after the other."""
+    global device
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device_type == 'cuda':
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                       vocab_size=vocab_size or 50304, dropout=0.0)
+    g = torch.Generator().manual_seed(seed + rank)
+    x, y = (torch.randint(config.vocab_size, (batch_size, block_size), generator=g).to(device) for _ in range(2))
+    results, block_act = [], 0
+    for name, fsdp, checkpointing in (('DDP', False, False), ('FSDP', True, False), ('FSDP + act. ckpt', True, True)):
+        torch.manual_seed(seed)
+        model = GPT(config).to(device)
+        for block in model.transformer.h:
+            block.activation_checkpointing = checkpointing
+        if fsdp:
+            model.shard(ptdtype if device_type == 'cuda' and dtype != 'float32' else None)
+        with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):  # its parameter counts, once per setup
+            optimizer = model.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
+        wrapped = model if fsdp else DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for k in range(warmup_iters + max_iters):
+            if k == warmup_iters:
+                t0 = now()
+            saved = SavedActivations(model)
+            # the first block's own saves, to size the one block a checkpointed backward recomputes at a time
+            hooks = [model.transformer.h[0].register_forward_pre_hook(lambda *_: setattr(saved, 'before', saved.bytes)),
+                     model.transformer.h[0].register_forward_hook(lambda *_: setattr(saved, 'after', saved.bytes))]
+            with saved, ctx:
+                _, loss = wrapped(x, y)
+            for h in hooks:
+                h.remove()
+            loss.backward()
+            optimizer.step()
+            states = held_bytes(model, optimizer)  # gradients still here
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+        per_iter = (now() - t0) / max(max_iters, 1)
+        if not checkpointing:
+            block_act = saved.after - saved.before
+        # a checkpointed backward holds one recomputed block's activations on top of what the forward kept
+        act = saved.bytes + (block_act if checkpointing else 0)
+        peak = torch.cuda.max_memory_allocated() if device_type == 'cuda' else 0
+        mine = (states, act, peak, world * batch_size * block_size / per_iter, per_iter)
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        results.append((name, everyone))
+        del model, wrapped, optimizer, loss
+    if rank == 0:
+        print(f"{config.n_layer} layers, n_embd {config.n_embd}, vocab {config.vocab_size}: "
+              f"{GPT(config).get_num_params(non_embedding=False) / 1e6:.1f}M parameters; {world} ranks, "
+              f"batch {batch_size} x {block_size} tokens per rank, {dtype} on {device_type}")
+        print(f"{'setup':<18}{'rank':>5}{'params+grads+optim':>20}{'activations':>13}"
+              f"{'cuda peak':>11}{'tok/s':>10}{'ms/iter':>9}")
+        for name, everyone in results:
+            for r, (states, act, peak, tps, per_iter) in enumerate(everyone):
+                print(f"{name:<18}{r:>5}{states / 2**20:>17.1f}MiB{act / 2**20:>10.1f}MiB"
+                      f"{(f'{peak / 2**20:.0f}MiB' if peak else '-'):>11}{tps:>10,.0f}{per_iter * 1000:>9.0f}")
+        base = results[0][1][0]
+        fsdp_r, ac_r = results[1][1][0], results[2][1][0]
+        print(f"rank 0: FSDP holds {fsdp_r[0] / base[0]:.2f}x DDP's parameter+gradient+optimizer bytes; activation "
+              f"checkpointing keeps {fsdp_r[1] / ac_r[1]:.1f}x less activation memory than FSDP alone")
+    dist.destroy_process_group()
 
 
 # =============================================================================
@@ -325,7 +432,9 @@ def bench_sample():
           "(new tokens - 1) / time from the first new token to the last")
 
 
-if mode == 'train':
+if mode == 'train' and 'RANK' in os.environ:
+    bench_parallel()
+elif mode == 'train':
     bench_train()
 else:
     bench_sample()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -228,7 +229,15 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
+    activation_checkpointing = False  # train.py's setting: recompute this block's activations in the backward
+
     def forward(self, x, **attn_kwargs):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # inside the block, so FSDP's all-gather hooks on it stay outside the recomputation
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False, **attn_kwargs)
+        return self._forward(x, **attn_kwargs)
+
+    def _forward(self, x, **attn_kwargs):
         x = x + self.attn(self.ln_1(x), **attn_kwargs)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -350,6 +359,17 @@ class GPT(nn.Module):
         if cache is not None:
             cache.lengths = [n + T for n in cache.lengths]
         return self.transformer.ln_f(x)
+
+    def shard(self, param_dtype=None):
+        """Fully sharded data parallel (FSDP2) across the default process group: every block, then the
+        rest (embeddings, head, final norm) as one group, each gathered only while it computes.
+        param_dtype: the dtype blocks compute in (FSDP's mixed precision); gradients are reduced in float32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+        for block in self.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(self, mp_policy=mp)
+        return self
 
     def crop_block_size(self, block_size):
         """Shrink the context length, e.g. to fine-tune GPT-2 (1024) on shorter windows."""

@@ -1,9 +1,10 @@
 """
 Muon: MomentUm Orthogonalized by Newton-Schulz (Keller Jordan et al., 2024), the optimizer
 for the 2-D weight matrices inside the transformer blocks. GPT.configure_optimizers builds
-it; train.py drives it like any torch optimizer.
+it; train.py drives it like any torch optimizer, also on an FSDP-sharded model.
 """
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def newton_schulz(G, steps=5, eps=1e-7):
@@ -56,7 +57,14 @@ class Muon(torch.optim.Optimizer):
                     buf = state['momentum_buffer']
                     buf.mul_(group['momentum']).add_(g)
                     g = g.add(buf, alpha=group['momentum']) if group['nesterov'] else buf
-                    update = newton_schulz(g, steps=group['ns_steps'])
+                    if isinstance(g, DTensor):
+                        # FSDP: every rank gathers the full matrix and orthogonalises it (the same result
+                        # everywhere), then keeps its own rows; momentum stays sharded. Simple, at the cost
+                        # of an all-gather and world_size-fold Newton-Schulz work per matrix.
+                        update = distribute_tensor(newton_schulz(g.full_tensor(), steps=group['ns_steps']),
+                                                   g.device_mesh, g.placements, src_data_rank=None)
+                    else:
+                        update = newton_schulz(g, steps=group['ns_steps'])
                     p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                 else:
                     if 'step' not in state:

@@ -1,5 +1,7 @@
 """
-Train a GPT. Runs on one CPU or GPU, or on many with distributed data parallel (DDP).
+Train a GPT. Runs on one CPU or GPU, or on many with distributed data parallel (DDP), or with
+fully sharded data parallel (FSDP: --fsdp=True) for models whose weights, gradients and optimizer
+state do not fit on one GPU.
 
 One process:
 $ python train.py config/train_shakespeare_char_cpu.py --max_iters=500
@@ -11,6 +13,9 @@ DDP on 2 nodes of 8 GPUs each (master at 123.456.123.456):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (without Infiniband, prepend NCCL_IB_DISABLE=1)
+
+FSDP: the same commands with --fsdp=True (add --activation_checkpointing=True to trade compute for
+activation memory); across nodes, out_dir must be on a filesystem every node sees.
 """
 import atexit
 import contextlib
@@ -23,12 +28,16 @@ import signal
 import socket
 import sys
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
@@ -89,8 +98,10 @@ decay_lr = True
 warmup_iters = 2000
 lr_decay_iters = 600000  # ~= max_iters per Chinchilla
 min_lr = 6e-5  # ~= learning_rate/10 per Chinchilla
-# DDP
+# DDP / FSDP
 backend = 'auto'  # 'nccl' | 'gloo' | 'auto' (nccl on CUDA, gloo on CPU)
+fsdp = False  # under torchrun: shard weights, gradients and optimizer state across the ranks instead of copying them
+activation_checkpointing = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
 # system
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'
@@ -134,6 +145,8 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 else:
     ddp_rank, master_process, seed_offset, ddp_world_size = 0, True, 0, 1
+    if fsdp:
+        fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 lock_path = os.path.join(out_dir, 'train.lock')
 
@@ -165,8 +178,8 @@ def lock_out_dir():
         os.ftruncate(fd, 0)
         os.write(fd, f"train.py pid {os.getpid()} on {socket.gethostname()}".encode())
         # a temporary checkpoint left by a killed run: no one else writes here while we hold the lock
-        for path in glob.glob(os.path.join(out_dir, 'ckpt.pt.*.tmp')):
-            os.remove(path)
+        for path in glob.glob(os.path.join(out_dir, 'ckpt*.tmp')):  # ckpt.pt.<pid>.tmp, ckpt-shards.tmp
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             print(f"removed {path}, left by an interrupted save")
     except OSError as e:
         fail(f"cannot write to out_dir '{out_dir}': {e.strerror or e}")
@@ -175,7 +188,7 @@ def lock_out_dir():
 # rank 0 speaks for the run: it takes the lock and writes the checkpoints
 if master_process:
     lock_out_dir()
-torch.manual_seed(seed + seed_offset)
+torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
@@ -358,6 +371,10 @@ def tokens_per_byte():
 
 val_tokens_per_byte = tokens_per_byte() if master_process else None
 model.to(device)
+for block in model.transformer.h:
+    block.activation_checkpointing = activation_checkpointing
+if fsdp:  # before the optimizer is built: it holds the sharded parameters
+    model.shard(ptdtype if device_type == 'cuda' and dtype != 'float32' else None)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -369,10 +386,43 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
 for group in optimizer.param_groups:
     group.setdefault('initial_lr', group['lr'])  # the schedule scales each group's own peak rate
-if checkpoint is not None:
+
+
+def dcp_reason(e):
+    """One line for a failed sharded save or load: torch.distributed.checkpoint wraps each rank's exception."""
+    if isinstance(e, dcp.CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__).splitlines()[0]
+
+
+if checkpoint is not None and checkpoint.get('config', {}).get('optimizer', 'adamw') != config['optimizer']:
+    fail(f"{ckpt_path} was trained with optimizer='{checkpoint['config']['optimizer']}': its state does not fit "
+         f"optimizer='{config['optimizer']}'")
+if checkpoint is not None and 'shards' in checkpoint:
+    # saved under FSDP: weights and optimizer state from the shards, resharded to this run's ranks (or none)
+    shards_dir = os.path.join(out_dir, checkpoint['shards'])
+    if not os.path.exists(os.path.join(shards_dir, '.metadata')):
+        fail(f"cannot load the sharded checkpoint {shards_dir}: it is missing or incomplete")
+    state = dict(zip(('model', 'optimizer'), get_state_dict(model, optimizer)))
+    try:
+        with warnings.catch_warnings():  # in one process it warns that it loads in one process
+            warnings.simplefilter('ignore')
+            dcp.load(state, checkpoint_id=shards_dir, no_dist=not ddp)
+    except (Exception, dcp.CheckpointException) as e:  # a damaged shard
+        fail(f"cannot load the sharded checkpoint {shards_dir}: {dcp_reason(e)}")
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
+elif checkpoint is not None and fsdp:
+    # saved without FSDP: its optimizer state numbers the parameters in the groups' order; name them and shard it
+    names = {p: n for n, p in model.named_parameters()}
+    fqns = [names[p] for group in optimizer.param_groups for p in group['params']]
+    saved = checkpoint['optimizer']
+    set_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True), optim_state_dict={
+        'state': {fqns[i]: state for i, state in saved['state'].items()},
+        'param_groups': [{**group, 'params': [fqns[i] for i in group['params']]} for group in saved['param_groups']]})
+elif checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if 'scaler' in checkpoint:
-        scaler.load_state_dict(checkpoint['scaler'])
+if checkpoint is not None and 'scaler' in checkpoint:
+    scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
 
 raw_model = model
@@ -380,7 +430,7 @@ if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 # copy the tokenizer next to the checkpoint, so out_dir alone is enough to sample
@@ -403,6 +453,10 @@ def estimate_loss():
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
         out[split] = losses.mean()
+        if fsdp:  # every rank evaluated the same batches: averaging makes their save decisions agree bit for bit
+            mean = out[split].to(device)  # nccl reduces GPU tensors only
+            torch.distributed.all_reduce(mean)
+            out[split] = mean.cpu() / ddp_world_size
     model.train()
     return out
 
@@ -441,10 +495,50 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def save_shards():
+    """FSDP: every rank writes its shard of the weights and optimizer state into ckpt-shards.tmp, which
+    rank 0 renames to ckpt-shards-<iter>; ckpt.pt names the directory, so its own atomic rename commits both."""
+    tmp_dir = os.path.join(out_dir, 'ckpt-shards.tmp')
+    name = f'ckpt-shards-{iter_num:06d}'
+    try:
+        dcp.save(dict(zip(('model', 'optimizer'), get_state_dict(raw_model, optimizer))), checkpoint_id=tmp_dir)
+        if master_process:
+            # a new name every time: the directory the current ckpt.pt names stays whole until ckpt.pt moves on
+            for n in range(1, 1000):
+                if not os.path.exists(os.path.join(out_dir, name)):
+                    break
+                name = f'ckpt-shards-{iter_num:06d}-{n}'
+            os.rename(tmp_dir, os.path.join(out_dir, name))
+    except (Exception, dcp.CheckpointException) as e:  # a full disk, no permission; an interrupt passes on
+        if master_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        fail(f"could not save the sharded checkpoint to {tmp_dir}: {dcp_reason(e)}; {last_checkpoint()}")
+    return name
+
+
+def remove_old_shards(keep):
+    for path in glob.glob(os.path.join(out_dir, 'ckpt-shards-*')):
+        if os.path.basename(path) != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint():
+    global saving, saved_iter
+    shards = None
+    if fsdp:  # collectives: every rank takes part
+        saving = True  # as below: a Ctrl-C waits for this rank's part to be written
+        shards = save_shards()
+        # consolidated weights on rank 0 only, for sample.py, serve.py and export.py
+        model_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not master_process:
+            saved_iter, saving = iter_num, False
+            if pending_signal is not None:
+                raise KeyboardInterrupt(pending_signal)
+            return
     checkpoint = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'model': model_state if fsdp else raw_model.state_dict(),
+        # under FSDP the optimizer state stays in the shards: no one downstream needs it consolidated
+        **({'shards': shards} if fsdp else {'optimizer': optimizer.state_dict()}),
         # nanoGPT's keys; architecture switches are recorded only when they differ from GPT-2,
         # so a plain GPT-2-style checkpoint loads in nanoGPT's own sample.py too
         'model_args': {k: v for k, v in model_args.items()
@@ -459,7 +553,6 @@ def save_checkpoint():
     }
     # crash-safe: write a temporary file, flush it to disk, then atomically rename it over
     # ckpt.pt. A kill at any moment leaves either the old or the new checkpoint, whole.
-    global saving, saved_iter
     tmp_path = os.path.join(out_dir, f'ckpt.pt.{os.getpid()}.tmp')
     saving = True
     try:
@@ -482,6 +575,7 @@ def save_checkpoint():
              f"{megabytes(shutil.disk_usage(out_dir).free)} free); {last_checkpoint()}")
     finally:
         saving = False
+    remove_old_shards(keep=shards)  # also those of an FSDP run this one resumed
     if pending_signal is not None:  # a Ctrl-C that came during the save ends the run now that it is whole
         raise KeyboardInterrupt(pending_signal)
 
@@ -545,17 +639,19 @@ try:
             group['lr'] = group['initial_lr'] * lr / learning_rate
 
         # evaluate the loss on train/val sets and write checkpoints
-        if iter_num % eval_interval == 0 and master_process:
+        if iter_num % eval_interval == 0 and (master_process or fsdp):  # FSDP: every rank joins every forward
             losses = estimate_loss()
-            bpb = f", val bpb {losses['val'] / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
-            if wandb_log:
+            if master_process:
+                bpb = f", val bpb {losses['val'] / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
+            if wandb_log and master_process:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                            **({"mfu": running_mfu * 100} if running_mfu >= 0 else {})})
             if losses['val'] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, float(losses['val']))
                 if iter_num > 0 and iter_num != saved_iter:  # after a resume, ckpt.pt already holds this iteration
-                    print(f"saving checkpoint to {out_dir}")
+                    if master_process:
+                        print(f"saving checkpoint to {out_dir}")
                     save_checkpoint()
         if iter_num == 0 and eval_only:
             break
@@ -564,7 +660,10 @@ try:
         for micro_step in range(gradient_accumulation_steps):
             # number micro-batches across all ranks: N processes draw the same global batch as one
             X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
-            if ddp:
+            if ddp and fsdp:
+                # reduce-scatter only on the last micro-step; until then each rank holds unsharded gradients
+                raw_model.set_requires_gradient_sync(micro_step == gradient_accumulation_steps - 1)
+            elif ddp:
                 # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
             with ctx:
@@ -602,10 +701,11 @@ except KeyboardInterrupt as e:
         print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
-if eval_full_val and master_process:
-    loss = full_val_loss()
-    bpb = f", bpb {loss / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
-    print(f"full val loss {loss:.4f}{bpb}")
+if eval_full_val and (master_process or fsdp):
+    full_loss = full_val_loss()
+    if master_process:
+        bpb = f", bpb {full_loss / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
+        print(f"full val loss {full_loss:.4f}{bpb}")
 if ddp:
     torch.distributed.barrier()  # tear down together: a rank leaving early can abort another's gloo threads
     destroy_process_group()
