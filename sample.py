@@ -4,6 +4,7 @@ Sample from a trained model (an out_dir checkpoint) or from OpenAI's GPT-2.
 $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --stream=True
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a prompt, a continuation, repeat
+$ python sample.py --out_dir=out-chat --chat=True   # a multi-turn chat (a model fine-tuned on data/chat)
 
 load_model, TextStream and generate_text are what bench.py and serve.py import: the model and
 its tokenizer from one loader, text out of the one decode engine (engine.py).
@@ -16,9 +17,9 @@ import time
 import torch
 
 from configurator import configure, fail
-from engine import Engine, Row, SettingError
+from engine import Engine, Row
 from model import GPT, GPTConfig, check_device_dtype, load_checkpoint, quantize_int8
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
@@ -34,6 +35,7 @@ stop = ''  # stop a sample when this text appears (the sample ends just before i
 seed = 1337  # sample i draws from its own random stream, seeded with seed + i
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
+chat = False  # a multi-turn chat: read a message, stream the reply, repeat (rendered as serve.py's chat API does)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (faster decoding on a CPU)
@@ -116,7 +118,10 @@ class TextStream:
 
 
 def stop_tokens_of(tokenizer):
-    return [] if tokenizer.eot is None else [tokenizer.eot]
+    """The ids that end a generation: <|endoftext|>, and a chat model's <|assistant_end|> (and
+    <|bos|>, which only ever starts a new conversation)."""
+    chat = [tokenizer.special_tokens[name] for name in ('<|assistant_end|>', '<|bos|>') if name in tokenizer.special_tokens]
+    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat
 
 
 def decode_step(engine):
@@ -142,10 +147,10 @@ def decode_step(engine):
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
-    """Continue each prompt (a list of strings, one engine row each). Yields (row, text) pieces
+    """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
-    rows = [Row(tokenizer.encode_prompt(p), max_new_tokens, seed=None if seed is None else seed + i,
+    rows = [Row(tokenizer.encode_prompt(p) if isinstance(p, str) else p, max_new_tokens, seed=None if seed is None else seed + i,
                 stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
     engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
                     longest_prompt=max(len(row.prompt) for row in rows))
@@ -191,24 +196,33 @@ def main():
     except ValueError as e:
         fail(str(e))
 
-    if interactive:
-        # a terminal session with the model: read a prompt, stream its continuation, repeat
-        n = 0
+    if interactive or chat:
+        # a terminal session with the model: read a prompt (a message), stream its continuation (the reply), repeat
+        n, messages = 0, []
         while True:
             try:
                 line = input('> ')
             except (EOFError, KeyboardInterrupt):
                 print()
                 return
+            reply = ''
             try:
-                for _, piece in generate_text(model, tokenizer, [line], max_new_tokens, seed=seed + n, **options):
+                prompt, stops = (line, [])
+                if chat:
+                    prompt, stops = render_chat(tokenizer, messages + [('user', line)])
+                for _, piece in generate_text(model, tokenizer, [prompt], max_new_tokens, seed=seed + n,
+                                              **dict(options, stop=[stop, *stops])):
+                    piece = piece if reply or not chat else piece.lstrip()  # a transcript's 'Assistant:' leaves a space
+                    reply += piece
                     print(piece, end='', flush=True)
             except ValueError as e:  # e.g. a character the model has never seen
                 print(f"error: {e}", flush=True)
+                continue
             except KeyboardInterrupt:
                 print()
                 return
             print(flush=True)
+            messages += [('user', line), ('assistant', reply)]
             n += 1
 
     if stream:

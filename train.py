@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, load_checkpoint
-from tokenizer import read_meta
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -55,6 +55,7 @@ eval_only = False  # evaluate once, then exit
 eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
 always_save_checkpoint = True  # False: save only when val loss improves
 init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py)
+#   | a base model's out_dir (holding ckpt.pt): fine-tune its weights in a new run written to out_dir
 # wandb logging
 wandb_log = False
 wandb_project = 'owt'
@@ -205,18 +206,37 @@ for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
+# a chat dataset (data/chat/prepare.py) has masks: the loss counts only the assistant's tokens
+masked = os.path.exists(os.path.join(data_dir, 'train_mask.bin'))
+for split in ('train', 'val') if masked else ():
+    path = os.path.join(data_dir, f'{split}_mask.bin')
+    if not os.path.exists(path) or os.path.getsize(path) != os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize:
+        fail(f"{path} is missing or does not match {split}.bin: prepare the dataset again")
+starts = {}  # split -> the offsets a window may start at, for a chat dataset (set below, once block_size is known)
 
 
 def get_batch(split, generator):
     # recreate the memmap every batch: a long-lived one keeps growing in memory
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    if split in starts:  # every window starts at a conversation's <|bos|>: no reply without its question
+        ix = starts[split][torch.randint(len(starts[split]), (batch_size,), generator=generator).numpy()]
+    else:
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
-    x, y = torch.from_numpy(window[:, :-1].copy()), torch.from_numpy(window[:, 1:].copy())
+    x, y = torch.from_numpy(window[:, :-1].copy()), masked_targets(split, ix, window[:, 1:])
     if device_type == 'cuda':
         # pin x,y so they move to the GPU asynchronously (non_blocking=True)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def masked_targets(split, ix, y):
+    """The targets of windows starting at ix; with masks, -1 (ignored by the loss) where the
+    target is not the assistant's."""
+    if masked:
+        mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+        y = np.where(mask[ix[:, None] + np.arange(1, y.shape[1] + 1)] == 1, y, -1)
+    return torch.from_numpy(np.ascontiguousarray(y))
 
 
 def batch_generator(*parts):
@@ -284,6 +304,26 @@ elif init_from == 'resume':
         block_size = saved.block_size
     iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
+elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+    if os.path.abspath(init_from) == os.path.abspath(out_dir):
+        fail("init_from is this run's out_dir: use init_from='resume' to continue it, or pick another out_dir")
+    if master_process:
+        print(f"Fine-tuning {init_from}/ckpt.pt: a new run from its weights")
+    try:  # the architecture and the weights from the checkpoint; iteration 0 and a new optimizer here
+        model, base = load_checkpoint(init_from, device,
+                                      dropout=None if dropout == architecture_defaults['dropout'] else dropout)
+        base_tokenizer = load_tokenizer(init_from, (base.get('config') or {}).get('dataset'))
+        data_tokenizer = tokenizer_from_meta(meta) if meta else gpt2_tokenizer()
+        # ordinary text must get the same ids; the data may add special tokens the model has room for
+        if base_tokenizer.key != data_tokenizer.key or any(data_tokenizer.special_tokens.get(k) != v
+                                                           for k, v in base_tokenizer.special_tokens.items()):
+            raise ValueError(f"{init_from} was trained with another tokenizer ({base_tokenizer.name}) than {data_dir} "
+                             f"({data_tokenizer.name}): prepare the data with the base model's tokenizer "
+                             f"(--tokenizer_from=data/<its dataset>)")
+        check_vocab(data_tokenizer, model.config.vocab_size)
+    except ValueError as e:
+        fail(str(e))
+    base = None
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
@@ -292,7 +332,8 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     except (ValueError, OSError) as e:
         fail(str(e))
 else:
-    fail(f"init_from must be 'scratch', 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
+    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory or a "
+         f"model's out_dir, not '{init_from}'")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
 elif block_size > model.config.block_size:
@@ -304,6 +345,32 @@ for split in ('train', 'val'):
     n_tokens = os.path.getsize(path) // data_dtype.itemsize
     if n_tokens <= block_size:
         fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
+if masked:
+    bos = meta['special_tokens']['<|bos|>']
+    for split in ('train', 'val'):
+        data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
+        starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        if len(starts[split]) == 0:
+            fail(f"{split}.bin has no conversation that starts {block_size}+1 tokens before its end: use a smaller block_size")
+
+
+def tokens_per_byte():
+    """Val targets (the counted ones) per byte of their text: loss / ln 2 times this is bits per
+    byte, which compares across tokenizers. None when the tokenizer cannot be loaded here."""
+    try:
+        lengths = np.array((tokenizer_from_meta(meta) if meta else gpt2_tokenizer()).byte_lengths())
+    except Exception as e:  # e.g. GPT-2's BPE files are neither cached nor downloadable
+        print(f"no bits per byte: cannot load the tokenizer ({type(e).__name__}: {e})")
+        return None
+    targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
+    if masked:
+        targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
+    counts = np.bincount(targets, minlength=len(lengths))[:len(lengths)]
+    n_bytes = int(counts @ lengths)
+    return len(targets) / n_bytes if n_bytes else None
+
+
+val_tokens_per_byte = tokens_per_byte() if master_process else None
 model.to(device)
 for block in model.transformer.h:
     block.activation_checkpointing = activation_checkpointing
@@ -404,11 +471,14 @@ def full_val_loss():
     raw_model.eval()
     for start in range(0, n_windows, batch_size):
         ix = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        window = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
-        with ctx:
-            _, loss = raw_model(window[:, :-1], window[:, 1:])
-        total += loss.item() * window.size(0)
-        count += window.size(0)
+        window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+        x, y = torch.from_numpy(window[:, :-1]).to(device), masked_targets('val', ix, window[:, 1:]).to(device)
+        n = int((y != -1).sum())
+        if n:  # a window of another role's tokens only has nothing to count
+            with ctx:
+                _, loss = raw_model(x, y)
+            total += loss.item() * n
+            count += n
     raw_model.train()
     return total / count
 
@@ -573,7 +643,8 @@ try:
         if iter_num % eval_interval == 0 and (master_process or fsdp):  # FSDP: every rank joins every forward
             losses = estimate_loss()
             if master_process:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                bpb = f", val bpb {losses['val'] / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
             if wandb_log and master_process:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                            **({"mfu": running_mfu * 100} if running_mfu >= 0 else {})})
@@ -634,7 +705,8 @@ except KeyboardInterrupt as e:
 if eval_full_val and (master_process or fsdp):
     full_loss = full_val_loss()
     if master_process:
-        print(f"full val loss {full_loss:.4f}")
+        bpb = f", bpb {full_loss / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
+        print(f"full val loss {full_loss:.4f}{bpb}")
 if ddp:
     torch.distributed.barrier()  # tear down together: a rank leaving early can abort another's gloo threads
     destroy_process_group()

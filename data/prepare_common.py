@@ -50,8 +50,12 @@ def write_outputs(out_dir, arrays, meta):
     # is written, so a failure never leaves a train.bin without its val.bin or meta.pkl
     tmps = {name: temp_name(os.path.join(out_dir, name)) for name in [*arrays, 'meta.pkl']}
     try:
-        for name, arr in arrays.items():
-            arr.tofile(tmps[name])
+        for name, arr in arrays.items():  # numpy arrays of token ids, or bytes (a .jsonl)
+            if isinstance(arr, bytes):
+                with open(tmps[name], 'wb') as f:
+                    f.write(arr)
+            else:
+                arr.tofile(tmps[name])
         with open(tmps['meta.pkl'], 'wb') as f:
             pickle.dump(meta, f)
         for name, tmp in tmps.items():
@@ -62,3 +66,16 @@ def write_outputs(out_dir, arrays, meta):
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def print_compression(tokenizer, text, name='val'):
+    """Bytes per token of `tokenizer` next to GPT-2's on the same text: more is better."""
+    from tokenizer import gpt2_tokenizer
+    n_bytes = len(text.encode('utf-8'))
+    ours = n_bytes / max(1, len(tokenizer.encode(text)))
+    try:
+        gpt2 = f"{n_bytes / max(1, len(gpt2_tokenizer().encode(text))):.2f}"
+    except Exception as e:  # no network and no TIKTOKEN_CACHE_DIR holding GPT-2's files
+        gpt2 = f"unavailable ({type(e).__name__})"
+    print(f"compression on the {name} text ({n_bytes:,} bytes): {ours:.2f} bytes/token "
+          f"({tokenizer.name}, {tokenizer.n_vocab:,} tokens), GPT-2: {gpt2} bytes/token")

@@ -22,11 +22,11 @@ os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 sys.path.insert(0, str(REPO))
 
 
-def run_script(*args, cwd=REPO, timeout=600, check=True, env=None):
-    """Run `python <args>` like a user would, from the repo root; return the CompletedProcess."""
+def run_script(*args, cwd=REPO, timeout=600, check=True, env=None, input=None):
+    """Run `python <args>` like a user would, from the repo root (input: its stdin); return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=full_env, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc

@@ -34,7 +34,7 @@ def assert_close(a, b, iters):
 
 
 def eval_losses(stdout, step):
-    return [float(x) for x in re.search(rf'^step {step}: train loss (\S+), val loss (\S+)$', stdout, re.M).groups()]
+    return [float(x) for x in re.search(rf'^step {step}: train loss ([\d.]+), val loss ([\d.]+)', stdout, re.M).groups()]
 
 
 def test_fsdp_matches_ddp_and_resumes_exactly(workdir):

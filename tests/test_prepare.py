@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import threading
 
@@ -217,6 +218,24 @@ def test_custom_file_gpt2(tmp_path):
     assert val.tolist() == enc.encode_ordinary(TEXT[split:])
 
 
+@needs_bpe
+def test_custom_file_trained_bpe(tmp_path):
+    (tmp_path / 'notes.txt').write_text(TEXT * 5, encoding='utf-8')
+    out = tmp_path / 'out'
+    proc = run_script(CUSTOM, f'--input={tmp_path / "notes.txt"}', '--tokenizer=bpe', '--vocab_size=300',
+                      '--val_fraction=0.25', f'--out_dir={out}')
+    assert re.search(r'[\d.]+ bytes/token \(bpe, 300 tokens\), GPT-2: [\d.]+ bytes/token', proc.stdout), proc.stdout
+    meta, train, val = load(out)
+    assert meta['tokenizer'] == 'bpe' and meta['vocab_size'] == 300 and '<|assistant_end|>' in meta['special_tokens']
+    from tokenizer import tokenizer_from_meta
+    split = int(len(TEXT * 5) * 0.75)
+    assert tokenizer_from_meta(meta).decode(val.tolist()) == (TEXT * 5)[split:]
+    for bad in ('100', '70000'):  # too small for the 256 bytes, too large for uint16 ids
+        proc = run_script(CUSTOM, f'--input={tmp_path / "notes.txt"}', '--tokenizer=bpe', f'--vocab_size={bad}',
+                          f'--out_dir={tmp_path / bad}', check=False)
+        assert proc.returncode == 1 and 'vocab_size must be between' in proc.stderr and not (tmp_path / bad).exists()
+
+
 def test_custom_folder(tmp_path):
     src = tmp_path / 'corpus'
     (src / 'sub').mkdir(parents=True)
@@ -281,7 +300,7 @@ def test_custom_errors(tmp_path, case):
     if case == 'missing':
         args = [f'--input={tmp_path / "nope.txt"}']
     elif case == 'unknown-tokenizer':
-        args.append('--tokenizer=bpe')
+        args.append('--tokenizer=sentencepiece')
     elif case == 'no-input':
         args = []
     elif case in ('folder-without-txt', 'binary-in-folder'):

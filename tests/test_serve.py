@@ -539,7 +539,7 @@ def run_and_stop(server, overrides):
         log, offset = log + reply['text'], reply['offset']
         assert reply['running'], log
         time.sleep(0.3)
-    assert re.search(r'^step 5: train loss [\d.]+, val loss [\d.]+$', log, re.M), log
+    assert re.search(r'^step 5: train loss [\d.]+, val loss [\d.]+(, val bpb [\d.]+)?$', log, re.M), log
     assert re.search(r'^iter \d+: loss [\d.]+, time', log, re.M), log
     assert log.startswith('$ python train.py config/train_shakespeare_char_cpu.py --dataset=')
     status, stopped = raw(server, 'POST', '/api/train/stop', {})

@@ -4,13 +4,16 @@ Prepare your own text for training: a file, a folder of .txt files, or a URL.
     python data/custom/prepare.py --input=notes.txt --dataset=notes
     python data/custom/prepare.py --input=my_corpus/ --tokenizer=gpt2 --dataset=corpus
     python data/custom/prepare.py --input=https://example.com/book.txt --dataset=book
+    python data/custom/prepare.py --input=notes.txt --tokenizer=bpe --vocab_size=4096 --dataset=notes
     python train.py --dataset=notes
 
 Writes train.bin and val.bin (raw token ids, read back with np.memmap) and meta.pkl to
 data/<dataset>/, where train.py looks for them. With tokenizer='char' every distinct
 character is a token and meta.pkl holds the itos/stoi tables; with 'gpt2' the text is
-encoded with GPT-2's BPE (tiktoken) and meta.pkl just names the tokenizer. The last
-val_fraction of the text is the validation set.
+encoded with GPT-2's BPE (tiktoken) and meta.pkl just names the tokenizer; with 'bpe' a BPE
+of vocab_size tokens is trained on the train text (rustbpe) and meta.pkl holds it, with the
+chat special tokens (so data/chat/prepare.py --tokenizer_from=data/<dataset> can reuse it).
+The last val_fraction of the text is the validation set.
 """
 import glob
 import os
@@ -22,14 +25,16 @@ import numpy as np
 
 # -----------------------------------------------------------------------------
 input = ''  # a text file, a folder (every *.txt under it, in sorted order) or an http(s):// URL
-tokenizer = 'char'  # 'char' (one token per character) or 'gpt2' (GPT-2's BPE via tiktoken)
+tokenizer = 'char'  # 'char' (one token per character), 'gpt2' (GPT-2's BPE via tiktoken) or 'bpe' (trained here)
+vocab_size = 4096  # with tokenizer='bpe': 256 bytes + merges + 5 special tokens, at most 65536 (uint16 ids)
 val_fraction = 0.1  # the last 10% of the text is the validation set
 dataset = 'custom'  # outputs go to data/<dataset>/, so `python train.py --dataset=<dataset>` finds them
 out_dir = ''  # write here instead of data/<dataset>/
 # -----------------------------------------------------------------------------
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # repo root, for configurator
 from configurator import configure, fail
-from data.prepare_common import check_text, temp_name, write_outputs
+from data.prepare_common import check_text, print_compression, temp_name, write_outputs
+from tokenizer import MAX_VOCAB, SPECIAL_TOKENS, tokenizer_from_meta, train_bpe
 configure(globals())
 repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,8 +69,11 @@ def read_text(path):
 
 
 # check the settings before touching any file
-if tokenizer not in ('char', 'gpt2'):
-    fail(f"unknown tokenizer '{tokenizer}' (use 'char' or 'gpt2')")
+if tokenizer not in ('char', 'gpt2', 'bpe'):
+    fail(f"unknown tokenizer '{tokenizer}' (use 'char', 'gpt2' or 'bpe')")
+if tokenizer == 'bpe' and not 257 + len(SPECIAL_TOKENS) <= vocab_size <= MAX_VOCAB:
+    fail(f"vocab_size must be between {257 + len(SPECIAL_TOKENS)} (256 bytes, a merge and {len(SPECIAL_TOKENS)} special "
+         f"tokens) and {MAX_VOCAB} (token ids are stored as uint16), not {vocab_size}")
 if not 0 < val_fraction < 1:
     fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
 if not input:
@@ -119,6 +127,13 @@ if tokenizer == 'char':
     train_ids, val_ids = ids[:split], ids[split:]
     meta = {'vocab_size': vocab_size, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)},
             'dtype': np.dtype(dtype).name}
+elif tokenizer == 'bpe':
+    print(f"training a BPE tokenizer of {vocab_size:,} tokens on the train text...")
+    meta = train_bpe([data[:split]], vocab_size)
+    enc = tokenizer_from_meta(meta)
+    print_compression(enc, data[split:])
+    train_ids = np.array(enc.encode(data[:split]), dtype=np.uint16)
+    val_ids = np.array(enc.encode(data[split:]), dtype=np.uint16)
 else:
     print("encoding with GPT-2's BPE...")
     # encode_ordinary: '<|endoftext|>' in the text stays plain characters

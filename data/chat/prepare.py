@@ -1,0 +1,230 @@
+"""
+Prepare conversations for chat fine-tuning: your own, or a built-in task that runs offline.
+
+    python data/chat/prepare.py --input=conversations.jsonl        # one {"messages": [...]} per line
+    python data/chat/prepare.py --task=arith                       # the built-in task, generated here
+    python train.py config/train_chat_demo.py
+
+Each conversation ({"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, OpenAI's
+format) is rendered with the chat special tokens (tokenizer.render_chat's rendering) and written
+to data/<dataset>/ as train.bin/val.bin, train_mask.bin/val_mask.bin (uint8, one per token: 1
+where the token is one the model learns to produce, the assistant's replies) and meta.pkl, plus
+train.jsonl/val.jsonl (in val.jsonl the last message is the reference reply, for chat_eval.py).
+The tokenizer is a BPE trained here on the train conversations (tokenizer='bpe'), GPT-2's with
+the special tokens appended ('gpt2'), or another dataset's (tokenizer_from='data/<name>').
+
+The task 'arith' asks 2- and 3-digit additions and subtractions and how often a letter occurs
+in a made-up word, each in several phrasings; the replies work it out digit by digit (letter by
+letter) before the answer, which a small model learns far faster than the bare answer. The
+held-out questions (val) never occur in train.
+"""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+input = ''  # a .jsonl file of conversations
+task = ''  # 'arith': generate the built-in task instead of reading --input
+n_train = 40000  # task conversations to train on
+n_val = 500  # held-out task conversations
+tokenizer = 'bpe'  # 'bpe' (trained on the conversations) or 'gpt2' (GPT-2's, special tokens appended)
+tokenizer_from = ''  # a dataset folder (data/<name>) whose meta.pkl tokenizer to use instead
+vocab_size = 512  # with tokenizer='bpe': 256 bytes + merges + 5 special tokens
+val_fraction = 0.1  # with --input: the last 10% of the conversations are the validation set
+dataset = 'chat'  # outputs go to data/<dataset>/
+out_dir = ''  # write here instead of data/<dataset>/
+seed = 1337
+# -----------------------------------------------------------------------------
+repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, repo_root)  # for configurator and tokenizer
+from configurator import configure, fail
+from data.prepare_common import print_compression, write_outputs
+from tokenizer import CHAT_ROLES, chat_tokens, gpt2_chat_meta, read_meta, tokenizer_from_meta, train_bpe
+configure(globals())
+
+# --- the built-in task ---------------------------------------------------------
+ADD = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "{a} + {b} = ?", "What's the sum of {a} and {b}?"]
+SUB = ["What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.", "{a} - {b} = ?",
+       "What's the difference between {a} and {b}?"]
+COUNT = ["How many {l}'s are in {w}?", "Count the letter {l} in {w}.", "How many times does '{l}' appear in '{w}'?",
+         "In the word {w}, how often does the letter {l} occur?"]
+
+
+def digits(n, width):
+    return [int(c) for c in str(n).rjust(width, '0')][::-1]  # ones first
+
+
+def add_reply(a, b):
+    # column by column from the ones, carry included: each step needs only the one before
+    width, carry, steps = len(str(max(a, b))), 0, []
+    for x, y in zip(digits(a, width), digits(b, width)):
+        steps.append(f"{x}+{y}+{carry}={x + y + carry}")
+        carry = (x + y + carry) // 10
+    return f"{', '.join(steps)}. Answer: {a + b}"
+
+
+def sub_reply(a, b):
+    width, borrow, steps = len(str(a)), 0, []
+    for x, y in zip(digits(a, width), digits(b, width)):
+        d = x - y - borrow
+        steps.append(f"{x}-{y}-{borrow}={d % 10}" + (" borrow" if d < 0 else ""))
+        borrow = int(d < 0)
+    return f"{', '.join(steps)}. Answer: {a - b}"
+
+
+def count_reply(word, letter):
+    # the counted letter first, then a line per letter of the word with the count so far: a letter
+    # at the start of a line is a token of its own, the same token as the counted letter above
+    steps, n = [], 0
+    for c in word:
+        n += c == letter
+        steps.append(f"{c}={n}")
+    return f"{letter}:\n" + '\n'.join(steps) + f"\nAnswer: {n}"
+
+
+def make_word(rng):
+    # made-up words of random letters: a held-out word is new, so the count must be worked out, not
+    # recalled, and no pair of letters is common enough for the tokenizer to merge: a letter is a token
+    return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 6)))
+
+
+def task_question(rng):
+    """(key, question, reply): key identifies the question whatever its phrasing."""
+    kind = rng.choices(range(3), weights=[3, 3, 4])[0]  # counting is the slowest to learn
+    if kind == 2:
+        word = make_word(rng)
+        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice('abcdefghijklmnopqrstuvwxyz')
+        return ('count', word, letter), rng.choice(COUNT).format(l=letter, w=word), count_reply(word, letter)
+    a, b = (rng.randint(10, 99) if rng.random() < 0.3 else rng.randint(100, 999) for _ in range(2))
+    if kind == 0:
+        return ('add', a, b), rng.choice(ADD).format(a=a, b=b), add_reply(a, b)
+    a, b = max(a, b), min(a, b)
+    return ('sub', a, b), rng.choice(SUB).format(a=a, b=b), sub_reply(a, b)
+
+
+def make_task():
+    rng = random.Random(seed)
+    val, held_out = [], set()
+    while len(val) < n_val:
+        key, q, r = task_question(rng)
+        if key not in held_out:
+            held_out.add(key)
+            val.append([('user', q), ('assistant', r)])
+    train = []
+    while len(train) < n_train:
+        key, q, r = task_question(rng)
+        if key not in held_out:
+            train.append([('user', q), ('assistant', r)])
+    return train, val
+
+
+# --- conversations from a file ---------------------------------------------------
+def parse_conversation(line):
+    """[(role, content), ...] from one JSONL line; ValueError saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})")
+    messages = obj.get('messages') if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('expected {"messages": [...]} with at least one message')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES or not isinstance(m.get('content'), str):
+            raise ValueError(f"messages[{i}] must be {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": a string}}")
+        out.append((m['role'], m['content']))
+    turns = [role for role, _ in out if role != 'system']
+    # the rendering folds a system message into the next user turn, so one may stand before any user turn
+    if turns[::2] != ['user'] * len(turns[::2]) or turns[1::2] != ['assistant'] * len(turns[1::2]) or turns[-1:] != ['assistant'] \
+            or out[-1][0] != 'assistant':
+        raise ValueError("the turns must alternate user, assistant, ..., and end with the assistant's reply")
+    if any(role == 'system' for role, _ in out[max(i for i, (role, _) in enumerate(out) if role == 'user'):]):
+        raise ValueError("a system message must come before a user message")
+    return out
+
+
+def read_conversations(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path}: {e}")
+    conversations = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                conversations.append(parse_conversation(line))
+            except ValueError as e:
+                fail(f"{path} line {n}: {e}")
+    return conversations
+
+
+# check the settings before touching any file
+if bool(input) == bool(task):
+    fail("give either --input=<conversations.jsonl> or --task=arith")
+if task and task != 'arith':
+    fail(f"unknown task '{task}' (the built-in one is 'arith')")
+if tokenizer not in ('bpe', 'gpt2'):
+    fail(f"unknown tokenizer '{tokenizer}' (use 'bpe' or 'gpt2', or --tokenizer_from=data/<name>)")
+if not 0 < val_fraction < 1:
+    fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
+if n_train < 1 or n_val < 1:
+    fail("n_train and n_val must be at least 1")
+out_dir = out_dir or os.path.join(repo_root, 'data', dataset)
+
+if task:
+    train, val = make_task()
+else:
+    conversations = read_conversations(input)
+    n_val_input = max(1, int(len(conversations) * val_fraction))
+    if len(conversations) < 2:
+        fail(f"{input} has {len(conversations)} conversation(s): at least 2 are needed (train and val)")
+    train, val = conversations[:-n_val_input], conversations[-n_val_input:]
+print(f"{len(train):,} train and {len(val):,} val conversations")
+train_text = [content for conversation in train for _, content in conversation]
+val_text = '\n'.join(content for conversation in val for _, content in conversation)
+
+# the tokenizer
+try:
+    if tokenizer_from:
+        meta = read_meta(os.path.join(tokenizer_from, 'meta.pkl'))
+        if meta.get('tokenizer', 'char') == 'gpt2' and not meta.get('special_tokens'):
+            meta = gpt2_chat_meta()
+        elif '<|assistant_start|>' not in meta.get('special_tokens', {}):
+            fail(f"{tokenizer_from}/meta.pkl has no chat special tokens: prepare it with --tokenizer=bpe or gpt2")
+    elif tokenizer == 'bpe':
+        print(f"training a BPE tokenizer of {vocab_size:,} tokens on the train conversations...")
+        meta = train_bpe(train_text, vocab_size)
+    else:
+        meta = gpt2_chat_meta()
+    enc = tokenizer_from_meta(meta)
+except (OSError, ValueError, KeyError) as e:
+    fail(str(e))
+print_compression(enc, val_text)
+
+
+def render(conversations):
+    ids, mask = [], []
+    for conversation in conversations:
+        i, m = chat_tokens(enc, conversation)
+        ids += i
+        mask += m
+    return np.array(ids, dtype=np.dtype(meta['dtype'])), np.array(mask, dtype=np.uint8)
+
+
+def jsonl(conversations):
+    return ''.join(json.dumps({'messages': [{'role': r, 'content': c} for r, c in conversation]}) + '\n'
+                   for conversation in conversations).encode('utf-8')
+
+
+train_ids, train_mask = render(train)
+val_ids, val_mask = render(val)
+print(f"train has {len(train_ids):,} tokens ({train_mask.mean():.0%} of them the assistant's)")
+print(f"val has {len(val_ids):,} tokens")
+os.makedirs(out_dir, exist_ok=True)
+write_outputs(out_dir, {'train.bin': train_ids, 'val.bin': val_ids, 'train_mask.bin': train_mask,
+                        'val_mask.bin': val_mask, 'train.jsonl': jsonl(train), 'val.jsonl': jsonl(val)}, meta)
+print(f"wrote train.bin, val.bin, train_mask.bin, val_mask.bin, train.jsonl, val.jsonl and meta.pkl to {out_dir}")
