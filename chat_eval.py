@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from configurator import configure, fail
+from tokenizer import read_conversations
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-chat'  # the model to score (unless url is set)
@@ -30,27 +31,15 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -----------------------------------------------------------------------------
 
 
-def read_conversations(path):
-    """[(messages before the reference, the reference reply)] from a JSONL file; a bad line stops with its number."""
+def read_eval_set(path):
+    """[(messages before the reference, the reference reply)] from a JSONL file."""
     try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path}: {e}")
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            messages = [(m['role'], m['content']) for m in json.loads(line)['messages']]
-            if len(messages) < 2 or messages[-1][0] != 'assistant' or not all(isinstance(c, str) for _, c in messages):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            fail(f"{path} line {n}: expected {{\"messages\": [...]}} ending with the assistant's reference reply")
-        out.append((messages[:-1], messages[-1][1]))
-    if not out:
+        conversations = read_conversations(path)
+    except ValueError as e:
+        fail(str(e))
+    if not conversations:
         fail(f"{path} has no conversations")
-    return out
+    return [(messages[:-1], messages[-1][1]) for messages in conversations]
 
 
 def answer_locally(conversations):
@@ -94,7 +83,7 @@ def normalise(text):
 def main():
     if batch_size < 1:
         fail(f"batch_size must be >= 1, not {batch_size}")
-    conversations = read_conversations(input)[:limit or None]
+    conversations = read_eval_set(input)[:limit or None]
     t0 = time.time()
     replies = answer_remotely(conversations) if url else answer_locally(conversations)
     dt = time.time() - t0

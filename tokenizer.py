@@ -11,6 +11,7 @@ load_tokenizer() is the one place that finds and reads a model's meta.pkl; sampl
 serve.py, bench.py and the prepare scripts all go through it. render_chat() is the one
 rendering of a conversation: prepare, sample.py --chat and serve.py all call it.
 """
+import json
 import os
 import pickle
 import sys
@@ -215,3 +216,45 @@ def render_chat(tokenizer, messages):
     text = '\n'.join(f"{CHAT_ROLES[role]}: {content}" for role, content in messages) + '\nAssistant:'
     return tokenizer.encode_prompt(text), [f"\n{name}:" for name in CHAT_ROLES.values()]
 
+
+def parse_conversation(line):
+    """[(role, content), ...] from one JSONL line; ValueError saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})")
+    messages = obj.get('messages') if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('expected {"messages": [...]} with at least one message')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES or not isinstance(m.get('content'), str):
+            raise ValueError(f"messages[{i}] must be {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": a string}}")
+        out.append((m['role'], m['content']))
+    turns = [role for role, _ in out if role != 'system']
+    # the rendering folds a system message into the next user turn, so one may stand before any user turn
+    if turns[::2] != ['user'] * len(turns[::2]) or turns[1::2] != ['assistant'] * len(turns[1::2]) or turns[-1:] != ['assistant'] \
+            or out[-1][0] != 'assistant':
+        raise ValueError("the turns must alternate user, assistant, ..., and end with the assistant's reply")
+    if any(role == 'system' for role, _ in out[max(i for i, (role, _) in enumerate(out) if role == 'user'):]):
+        raise ValueError("a system message must come before a user message")
+    return out
+
+
+def read_conversations(path):
+    """The conversations of a JSONL file (OpenAI's messages format, each ending with the
+    assistant's reply); ValueError naming the line that is wrong. data/chat/prepare.py and
+    chat_eval.py both read through here."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}")
+    conversations = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                conversations.append(parse_conversation(line))
+            except ValueError as e:
+                raise ValueError(f"{path} line {n}: {e}")
+    return conversations

@@ -28,8 +28,12 @@ def temp_name(path):
 
 
 def download(url, path):
-    # fetch into a temp file and rename, so an interrupted download never looks finished
+    # fetch into a temp file and rename, so an interrupted download never looks finished;
+    # a failed one takes the output folder with it if this call created it
     print(f"downloading {url}")
+    folder = os.path.dirname(path)
+    made_folder = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
     tmp = temp_name(path)
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -43,6 +47,8 @@ def download(url, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made_folder and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def write_outputs(out_dir, arrays, meta):

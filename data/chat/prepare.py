@@ -42,7 +42,7 @@ repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 sys.path.insert(0, repo_root)  # for configurator and tokenizer
 from configurator import configure, fail
 from data.prepare_common import print_compression, write_outputs
-from tokenizer import CHAT_ROLES, chat_tokens, gpt2_chat_meta, read_meta, tokenizer_from_meta, train_bpe
+from tokenizer import chat_tokens, gpt2_chat_meta, read_conversations, read_meta, tokenizer_from_meta, train_bpe
 configure(globals())
 
 # --- the built-in task ---------------------------------------------------------
@@ -121,47 +121,6 @@ def make_task():
     return train, val
 
 
-# --- conversations from a file ---------------------------------------------------
-def parse_conversation(line):
-    """[(role, content), ...] from one JSONL line; ValueError saying what is wrong."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e.msg} at column {e.colno})")
-    messages = obj.get('messages') if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise ValueError('expected {"messages": [...]} with at least one message')
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES or not isinstance(m.get('content'), str):
-            raise ValueError(f"messages[{i}] must be {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": a string}}")
-        out.append((m['role'], m['content']))
-    turns = [role for role, _ in out if role != 'system']
-    # the rendering folds a system message into the next user turn, so one may stand before any user turn
-    if turns[::2] != ['user'] * len(turns[::2]) or turns[1::2] != ['assistant'] * len(turns[1::2]) or turns[-1:] != ['assistant'] \
-            or out[-1][0] != 'assistant':
-        raise ValueError("the turns must alternate user, assistant, ..., and end with the assistant's reply")
-    if any(role == 'system' for role, _ in out[max(i for i, (role, _) in enumerate(out) if role == 'user'):]):
-        raise ValueError("a system message must come before a user message")
-    return out
-
-
-def read_conversations(path):
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path}: {e}")
-    conversations = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                conversations.append(parse_conversation(line))
-            except ValueError as e:
-                fail(f"{path} line {n}: {e}")
-    return conversations
-
-
 # check the settings before touching any file
 if bool(input) == bool(task):
     fail("give either --input=<conversations.jsonl> or --task=arith")
@@ -178,7 +137,10 @@ out_dir = out_dir or os.path.join(repo_root, 'data', dataset)
 if task:
     train, val = make_task()
 else:
-    conversations = read_conversations(input)
+    try:
+        conversations = read_conversations(input)
+    except ValueError as e:
+        fail(str(e))
     n_val_input = max(1, int(len(conversations) * val_fraction))
     if len(conversations) < 2:
         fail(f"{input} has {len(conversations)} conversation(s): at least 2 are needed (train and val)")

@@ -33,34 +33,10 @@ out_dir = ''  # write here instead of data/<dataset>/
 # -----------------------------------------------------------------------------
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # repo root, for configurator
 from configurator import configure, fail
-from data.prepare_common import check_text, print_compression, temp_name, write_outputs
+from data.prepare_common import check_text, download, print_compression, write_outputs
 from tokenizer import MAX_VOCAB, SPECIAL_TOKENS, tokenizer_from_meta, train_bpe
 configure(globals())
 repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def download(url, path):
-    # fetch into a temp file and rename, so an interrupted download never looks finished;
-    # a failed one takes the output folder with it if this call created it
-    print(f"downloading {url}")
-    folder = os.path.dirname(path)
-    made_folder = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            raw = r.read()
-        check_text(raw, url)
-        with open(tmp, 'wb') as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        fail(f"could not download {url}: {e}")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if made_folder and not os.listdir(folder):
-            os.rmdir(folder)
 
 
 def read_text(path):
