@@ -27,7 +27,7 @@ max_new_tokens = 128  # the longest reply
 batch_size = 64  # conversations answered together (with url: requests in flight)
 show_wrong = 5  # wrong answers to print
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
 # -----------------------------------------------------------------------------
 
 
