@@ -710,3 +710,10 @@ if eval_full_val and (master_process or fsdp):
 if ddp:
     torch.distributed.barrier()  # tear down together: a rank leaving early can abort another's gloo threads
     destroy_process_group()
+    # gloo's worker threads may still hold finished work whose destruction during interpreter shutdown
+    # aborts the process ("terminate called without an active exception") after all is done: run the exit
+    # handlers (the out_dir lock, wandb) now and leave without that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(0)
