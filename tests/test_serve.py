@@ -515,7 +515,7 @@ def test_train_api(server, tmp_path):
         assert status == 400 and reply['error']['param'] == 'overrides', overrides
 
     # a run from the page stays in the project: out_dir under train_root, datasets from data/, no weights from a path
-    for bad in ['--out_dir=/etc', '--out_dir=../../x', '--dataset=../../etc', '--dataset=/tmp', '--dataset=nope',
+    for bad in ['--out_dir=/etc', '--out_dir=' + '../' * 30 + 'x', '--dataset=../../etc', '--dataset=/tmp', '--dataset=nope',
                 '--init_from=/etc']:
         status, reply = raw(server, 'POST', '/api/train/start', {'config': 'train_shakespeare_char_cpu.py',
                                                                  'overrides': [bad]})
