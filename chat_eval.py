@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from configurator import configure, fail
-from tokenizer import read_conversations
+from sample import generate_text, load_model
+from tokenizer import read_conversations, render_chat
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-chat'  # the model to score (unless url is set)
@@ -44,8 +45,6 @@ def read_eval_set(path):
 
 def answer_locally(conversations):
     """The model's greedy replies, batch_size conversations at a time through the engine."""
-    from sample import generate_text, load_model
-    from tokenizer import render_chat
     try:
         model, tokenizer, _ = load_model('resume', out_dir, device, dtype)
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -44,8 +44,9 @@ quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (fast
 
 def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize=''):
     """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
-    where it came from (the checkpoint's iter_num, config, ...). quantize='int8': int8 Linears. ValueError or FileNotFoundError
-    with a one-line reason for anything that cannot work, a tokenizer that does not fit included."""
+    where it came from (the checkpoint's iter_num, config, ...); quantize='int8' makes every Linear
+    int8. ValueError or FileNotFoundError with a one-line reason for anything that cannot work, a
+    tokenizer that does not fit included."""
     ptdtype = check_device_dtype(device, dtype)
     if quantize not in ('', 'int8'):
         raise ValueError(f"quantize must be '' or 'int8', not '{quantize}'")
