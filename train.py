@@ -201,6 +201,12 @@ ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=de
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+
+
+def dataset_tokenizer():
+    return tokenizer_from_meta(meta) if meta else gpt2_tokenizer()  # no meta.pkl: GPT-2's BPE
+
+
 data_dtype = np.dtype(meta.get('dtype', 'uint16'))
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
@@ -313,7 +319,7 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         model, base = load_checkpoint(init_from, device,
                                       dropout=None if dropout == architecture_defaults['dropout'] else dropout)
         base_tokenizer = load_tokenizer(init_from, (base.get('config') or {}).get('dataset'))
-        data_tokenizer = tokenizer_from_meta(meta) if meta else gpt2_tokenizer()
+        data_tokenizer = dataset_tokenizer()
         # ordinary text must get the same ids; the data may add special tokens the model has room for
         if base_tokenizer.key != data_tokenizer.key or any(data_tokenizer.special_tokens.get(k) != v
                                                            for k, v in base_tokenizer.special_tokens.items()):
@@ -358,7 +364,7 @@ def tokens_per_byte():
     """Val targets (the counted ones) per byte of their text: loss / ln 2 times this is bits per
     byte, which compares across tokenizers. None when the tokenizer cannot be loaded here."""
     try:
-        lengths = np.array((tokenizer_from_meta(meta) if meta else gpt2_tokenizer()).byte_lengths())
+        lengths = np.array(dataset_tokenizer().byte_lengths())
     except Exception as e:  # e.g. GPT-2's BPE files are neither cached nor downloadable
         print(f"no bits per byte: cannot load the tokenizer ({type(e).__name__}: {e})")
         return None
