@@ -72,6 +72,12 @@ class APIError(Exception):
         return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': self.code}}
 
 
+def require(ok, message, param=None, status=400, code=None):
+    """One check of a request: unless ok, it ends with `status`, naming the field at fault."""
+    if not ok:
+        raise APIError(message, param, status, code)
+
+
 def server_error(message, code=None, status=500):
     return APIError(message, status=status, kind='server_error', code=code)
 
@@ -100,14 +106,13 @@ class Loaded:
 # The queue and the worker thread that owns the model
 
 class Request:
-    """One API call: rows[i] are the n engine rows (the "choices") of prompt i, made and checked
-    by the HTTP thread for the model `loaded`. The worker reports through `events`:
-    ('text', choice, piece, logprobs), ('done', choice, finish_reason, n_tokens), ('error', APIError),
-    and with score_prompt first ('prompt', choice, logprobs of the prompt's tokens). logprobs are
-    [(token, logprob, [(id, logprob) of the top alternatives]), ...]."""
+    """One API call: rows[i] are the n engine rows (the "choices") of prompt i, made and checked by the HTTP
+    thread for the model `loaded`. The worker reports through `events`: with echo first ('prompt', choice,
+    logprobs of the prompt's tokens), then ('text', choice, piece, logprobs) and ('done', choice, finish_reason,
+    n_tokens), or ('error', APIError). logprobs: [(token, logprob, [(id, logprob) of the top alternatives])]."""
 
-    def __init__(self, loaded, rows, stop, score_prompt=False):
-        self.loaded, self.rows, self.stop, self.score_prompt = loaded, rows, stop, score_prompt
+    def __init__(self, loaded, rows, stop, echo=False):
+        self.loaded, self.rows, self.stop, self.echo = loaded, rows, stop, echo
         self.events = queue.Queue()
         self.cancelled = False  # set by the HTTP thread when its client has gone
 
@@ -206,11 +211,12 @@ class Worker:
             try:
                 if request.loaded is not self.loaded:  # tokenized for a model that is gone
                     raise server_error("the model was replaced; send the request again", 'model_replaced', 503)
-                if request.score_prompt:  # echo with logprobs: the prompt's own tokens come first
-                    scored = self.engine.prompt_logprobs(rows[0].prompt, rows[0].logprobs)
+                if request.echo:  # the prompt comes first, its tokens scored when logprobs were asked for
+                    prompt, top = rows[0].prompt, rows[0].logprobs
+                    scored = [] if top is None else self.engine.prompt_logprobs(prompt, top)
+                    entries = [(t, *(e or (None, None))) for t, e in zip(prompt, scored)]
                     for row in rows:
-                        request.events.put(('prompt', row.choice, [(t, *(e or (None, None))) for t, e in
-                                                                   zip(row.prompt, scored)]))
+                        request.events.put(('prompt', row.choice, entries))
                 if rows[0].max_tokens == 0:  # only the prompt was asked for
                     for row in rows:
                         request.events.put(('done', row.choice, 'length', 0))
@@ -241,7 +247,8 @@ class Worker:
                 continue
             self.stats['generated_tokens'] += 1
             token = row.tokens[-1]
-            logprobs = [(token, *row.token_logprobs[-1])] if row.logprobs is not None and token not in row.stop_tokens else []
+            scored = row.logprobs is not None and token not in row.stop_tokens
+            logprobs = [(token, *row.token_logprobs[-1])] if scored else []
             if piece or logprobs:
                 request.events.put(('text', row.choice, piece, logprobs))
             if row.finish_reason:
@@ -254,46 +261,45 @@ class Worker:
 # Training runs started from the page: train.py as a subprocess, one at a time
 
 def check_override(arg, settings):
-    """--key=value for a known setting, of the setting's type; and a run from the page stays in
-    the project: its out_dir under train_root, its dataset a folder of data/, no weights from a path."""
+    """--key=value for a known setting, of the setting's type; and a run from the page stays in the project:
+    its out_dir under train_root, its dataset a folder of data/, no weights from a path."""
     match = re.fullmatch(r'--([A-Za-z_]\w*)=(.*)', arg) if isinstance(arg, str) else None
+    require(match, f"override {arg!r} is not of the form --key=value", 'overrides')
     try:
-        if not match:
-            raise ValueError(f"override {arg!r} is not of the form --key=value")
         key, value = match.group(1), check_value(settings, *match.groups())
-        root = os.path.realpath(train_root or HERE)
-        if key == 'out_dir' and os.path.commonpath([root, os.path.realpath(os.path.join(HERE, value))]) != root:
-            raise ValueError(f"out_dir must be a folder under {root}")
-        if key == 'dataset' and not (re.fullmatch(r'\w[\w.-]*', value) and os.path.isdir(os.path.join(HERE, 'data', value))):
-            raise ValueError(f"dataset must be the name of a folder in data/, not {value!r}")
-        if key == 'init_from' and not re.fullmatch(r'scratch|resume|gpt2(-medium|-large|-xl)?', value):
-            raise ValueError("init_from must be 'scratch', 'resume' or a GPT-2 name")
     except ValueError as e:
         raise APIError(str(e), 'overrides')
+    root = os.path.realpath(train_root or HERE)
+    require(key != 'out_dir' or os.path.commonpath([root, os.path.realpath(os.path.join(HERE, value))]) == root,
+            f"out_dir must be a folder under {root}", 'overrides')
+    require(key != 'dataset' or re.fullmatch(r'\w[\w.-]*', value) and os.path.isdir(os.path.join(HERE, 'data', value)),
+            f"dataset must be the name of a folder in data/, not {value!r}", 'overrides')
+    require(key != 'init_from' or re.fullmatch(r'scratch|resume|gpt2(-medium|-large|-xl)?', value),
+            "init_from must be 'scratch', 'resume' or a GPT-2 name", 'overrides')
 
 
 class TrainRun:
-    """At most one train.py subprocess. Its stdout and stderr go to a log file, which the page
-    reads piece by piece."""
+    """At most one train.py subprocess. Its stdout and stderr go to a log file, which the page reads piece by piece."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.proc = self.run_id = self.log_path = self.command = self.started = None
 
     def configs(self):
-        return sorted(f for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py') and not f.startswith('_'))
+        names = os.listdir(os.path.join(HERE, 'config'))
+        return sorted(f for f in names if f.endswith('.py') and not f.startswith('_'))
 
     def start(self, config_name, overrides):
-        if not isinstance(config_name, str) or config_name not in self.configs():
-            raise APIError(f"'config' must name a file in config/, not {config_name!r}", 'config')
-        if not isinstance(overrides, list) or len(overrides) > 100:
-            raise APIError("'overrides' must be a list of --key=value strings", 'overrides')
+        require(isinstance(config_name, str) and config_name in self.configs(),
+                f"'config' must name a file in config/, not {config_name!r}", 'config')
+        require(isinstance(overrides, list) and len(overrides) <= 100,
+                "'overrides' must be a list of --key=value strings", 'overrides')
         settings = settings_in(os.path.join(HERE, 'train.py'))
         for arg in overrides:
             check_override(arg, settings)
         with self.lock:
-            if self.proc is not None and self.proc.poll() is None:
-                raise APIError("a training run is already running; stop it first", status=409, code='busy')
+            require(self.proc is None or self.proc.poll() is not None,
+                    "a training run is already running; stop it first", status=409, code='busy')
             self.remove_log()
             # an argument list, never a shell: the overrides reach train.py exactly as written
             self.command = [sys.executable, 'train.py', os.path.join('config', config_name), *overrides]
@@ -330,8 +336,7 @@ class TrainRun:
 
     def read_log(self, offset, limit=1 << 16):
         """Log text from byte `offset` on. While the run goes on, only whole lines."""
-        if not offset.isdigit():
-            raise APIError("'offset' must be a non-negative integer", 'offset')
+        require(offset.isdigit(), "'offset' must be a non-negative integer", 'offset')
         offset, status = int(offset), self.status()
         if self.proc is None:
             return dict(status, text='', offset=0)
@@ -344,73 +349,119 @@ class TrainRun:
 
 
 # -----------------------------------------------------------------------------
-# Reading the requests
+# Reading the requests, and OpenAI's shape of the answers
 
 ROW_SETTINGS = ('max_tokens', 'temperature', 'top_p', 'top_k', 'repetition_penalty', 'presence_penalty',
                 'frequency_penalty', 'seed', 'logit_bias')
 
 
 def flag(body, name):
-    if body.get(name) not in (None, True, False):
-        raise APIError(f"'{name}' must be true or false, not {body[name]!r}", name)
+    require(body.get(name) in (None, True, False), f"'{name}' must be true or false, not {body.get(name)!r}", name)
     return bool(body.get(name))
 
 
+def read_json(body):
+    try:
+        value = json.loads(body.decode('utf-8'), parse_constant=refuse_constant)
+    except UnicodeDecodeError:
+        raise APIError("the body is not valid UTF-8")
+    except (ValueError, RecursionError) as e:
+        raise APIError(f"the body is not valid JSON: {e}")
+    require(isinstance(value, dict), "the body must be a JSON object")
+    return value
+
+
+def refuse_constant(name):
+    # Python's json reads NaN and Infinity, which are not JSON: refuse them rather than sample with them
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def chat_messages(messages):
+    """[(role, text), ...] from OpenAI's messages; a 400 naming the message that is wrong."""
+    require(isinstance(messages, list) and messages, "'messages' must be a non-empty list", 'messages')
+    out = []
+    for i, m in enumerate(messages):
+        require(isinstance(m, dict) and m.get('role') in CHAT_ROLES,
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}", f'messages[{i}].role')
+        content = m.get('content')
+        if isinstance(content, list) and content and all(isinstance(p, dict) and p.get('type') == 'text'
+                                                         and isinstance(p.get('text'), str) for p in content):
+            content = ''.join(p['text'] for p in content)  # the list form: [{"type": "text", "text": "..."}]
+        require(isinstance(content, str), f"messages[{i}].content must be a string or a list of text parts",
+                f'messages[{i}].content')
+        out.append((m['role'], content))
+    return out
+
+
+def read_prompts(body, tokenizer, chat):
+    """The token ids of a request's prompts, their text (what echo repeats) and the stop strings a chat adds."""
+    if chat:
+        try:
+            ids, stop = render_chat(tokenizer, chat_messages(body.get('messages')))
+        except ValueError as e:  # e.g. a character a char-level model has never seen
+            raise APIError(str(e), 'messages')
+        return [ids], None, stop
+    prompt = body.get('prompt')
+    is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)  # noqa: E731
+    prompts = [prompt] if isinstance(prompt, str) or is_ids(prompt) else prompt
+    require(isinstance(prompts, list) and 0 < len(prompts) <= max_batch_size
+            and all(isinstance(p, str) or is_ids(p) for p in prompts),
+            f"'prompt' must be a string, a list of token ids, or a list of 1 to {max_batch_size} of either", 'prompt')
+    try:
+        ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
+    except ValueError as e:  # e.g. a character a char-level model has never seen
+        raise APIError(str(e), 'prompt')
+    require(all(0 <= t < tokenizer.n_vocab for p in ids for t in p),
+            f"prompt token ids must be in 0..{tokenizer.n_vocab - 1}", 'prompt')
+    return ids, [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts], []
+
+
 def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False):
-    """The engine rows of a completion or chat request, n per prompt (the seed of choice c is
-    seed + c, so each samples on its own), and how to answer. Row checks the sampling settings;
-    fields this server does not know are ignored, as OpenAI's server ignores them. logprobs:
-    completions take 0..5 alternatives, chat takes logprobs=true and top_logprobs 0..20."""
+    """The engine rows of a completion or chat request, n per prompt (the seed of choice c is seed + c, so each
+    samples on its own), and how to answer. Row checks the sampling settings; fields this server does not know
+    are ignored, as OpenAI's server ignores them. logprobs: completions take 0..5 alternatives, chat takes
+    logprobs=true and top_logprobs 0..20."""
     row = {k: body[k] for k in ROW_SETTINGS if body.get(k) is not None}
     row.setdefault('max_tokens', body.get('max_completion_tokens') or min(default_max_tokens, max_tokens_limit))
-    row['logprobs'] = (body.get('top_logprobs') or 0 if flag(body, 'logprobs') else None) if chat else body.get('logprobs')
-    if not chat and row['logprobs'] not in (None, 0, 1, 2, 3, 4, 5) or isinstance(row['logprobs'], bool):
-        raise APIError(f"'logprobs' must be an integer between 0 and 5, not {row['logprobs']!r}", 'logprobs')
+    if chat:
+        row['logprobs'] = body.get('top_logprobs') or 0 if flag(body, 'logprobs') else None
+    else:
+        row['logprobs'] = body.get('logprobs')
+    require((chat or row['logprobs'] in (None, 0, 1, 2, 3, 4, 5)) and not isinstance(row['logprobs'], bool),
+            f"'logprobs' must be an integer between 0 and 5, not {row['logprobs']!r}", 'logprobs')
     bias = row.get('logit_bias', {})
-    if not (isinstance(bias, dict) and all(re.fullmatch(r'\d{1,9}', k) and int(k) < tokenizer.n_vocab for k in bias)):
-        raise APIError(f"'logit_bias' must map token ids (0..{tokenizer.n_vocab - 1}, as strings) to numbers", 'logit_bias')
+    require(isinstance(bias, dict) and all(re.fullmatch(r'\d{1,9}', k) and int(k) < tokenizer.n_vocab for k in bias),
+            f"'logit_bias' must map token ids (0..{tokenizer.n_vocab - 1}, as strings) to numbers", 'logit_bias')
     row['logit_bias'] = {int(k): v for k, v in bias.items()}
     n, stop, options = body.get('n', 1), body.get('stop') or [], body.get('stream_options') or {}
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_batch_size:
-        raise APIError(f"'n' must be an integer between 1 and {max_batch_size}, not {n!r}", 'n')
+    require(type(n) is int and 1 <= n <= max_batch_size,
+            f"'n' must be an integer between 1 and {max_batch_size}, not {n!r}", 'n')
     stop = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > MAX_STOP:
-        raise APIError(f"'stop' must be a string or a list of at most {MAX_STOP} strings", 'stop')
-    if not isinstance(options, dict):
-        raise APIError("'stream_options' must be an object", 'stream_options')
+    require(isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP,
+            f"'stop' must be a string or a list of at most {MAX_STOP} strings", 'stop')
+    require(isinstance(options, dict), "'stream_options' must be an object", 'stream_options')
     seed = row.pop('seed', None)
     try:
         rows = [[Row(p, **row, seed=seed if seed is None else seed + i * n + j, stop_tokens=stop_tokens_of(tokenizer))
                  for j in range(n)] for i, p in enumerate(prompts)]
     except SettingError as e:
         raise APIError(str(e), e.name)
-    if not (0 if echo else 1) <= row['max_tokens'] <= max_tokens_limit:  # 0 with echo: score the prompt only
-        raise APIError(f"'max_tokens' must be between 1 and {max_tokens_limit}, not {row['max_tokens']}", 'max_tokens')
+    require((0 if echo else 1) <= row['max_tokens'] <= max_tokens_limit,  # 0 with echo: score the prompt only
+            f"'max_tokens' must be between 1 and {max_tokens_limit}, not {row['max_tokens']}", 'max_tokens')
     return rows, dict(n=n, stop=stop, stream=flag(body, 'stream'), include_usage=flag(options, 'include_usage'),
                       logprobs=row['logprobs'])
 
 
-def chat_messages(messages):
-    """[(role, text), ...] from OpenAI's messages; a 400 naming the message that is wrong."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError("'messages' must be a non-empty list", 'messages')
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES:
-            raise APIError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}", f'messages[{i}].role')
-        content = m.get('content')
-        if isinstance(content, list) and content and all(isinstance(p, dict) and p.get('type') == 'text'
-                                                         and isinstance(p.get('text'), str) for p in content):
-            content = ''.join(p['text'] for p in content)  # the list form: [{"type": "text", "text": "..."}]
-        if not isinstance(content, str):
-            raise APIError(f"messages[{i}].content must be a string or a list of text parts", f'messages[{i}].content')
-        out.append((m['role'], content))
-    return out
-
-
-def refuse_constant(name):
-    # Python's json reads NaN and Infinity, which are not JSON: refuse them rather than sample with them
-    raise ValueError(f"{name} is not a JSON number")
+def logprobs_json(tokenizer, entries, chat, offset=0):
+    """OpenAI's logprobs object for [(token, logprob, top)], in the chat or the completions form."""
+    text = lambda t: tokenizer.decode([t])  # noqa: E731
+    if chat:
+        entry = lambda t, lp: dict(token=text(t), logprob=lp, bytes=list(tokenizer.token_bytes([t])))  # noqa: E731
+        return {'content': [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top]) for t, lp, top in entries]}
+    tokens = [text(t) for t, _, _ in entries]
+    offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]  # text_offset counts from `offset`
+    return dict(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries], text_offset=offsets,
+                top_logprobs=[None if top is None else {text(a): b for a, b in top} for _, _, top in entries])
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +485,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def __getattr__(self, name):  # do_GET, do_POST, ...: every method goes to one dispatcher
         if name.startswith('do_'):
-            return lambda: self.handle_method(name[3:])
+            return lambda: self.answer(name[3:])
         raise AttributeError(name)
 
     def log_message(self, format, *args):
@@ -446,17 +497,17 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_json(code, APIError(message or self.responses.get(code, ('error',))[0], status=code).body())
 
-    def routes(self, query, body):
+    def routes(self):
         """(method, path) -> a function giving the JSON answer, or None when it answered itself."""
-        json_body = lambda: self.json_object(body)  # noqa: E731
+        json_body = lambda: read_json(self.body)  # noqa: E731
         return {
             ('GET', '/'): self.page,
             ('GET', '/health'): lambda: dict(worker.status(), status='ok', model=worker.loaded.name,
                                              auth=bool(api_key), max_tokens_limit=max_tokens_limit),
             ('GET', '/v1/models'): lambda: {'object': 'list', 'data': [dict(
                 id=worker.loaded.name, object='model', created=worker.loaded.created, owned_by='nanogpt')]},
-            ('POST', '/v1/completions'): lambda: self.completions(json_body()),
-            ('POST', '/v1/chat/completions'): lambda: self.chat_completions(json_body()),
+            ('POST', '/v1/completions'): lambda: self.complete(json_body(), chat=False),
+            ('POST', '/v1/chat/completions'): lambda: self.complete(json_body(), chat=True),
             ('GET', '/api/model'): lambda: dict(worker.loaded.describe(), batch=worker.status(),
                                                 max_tokens_limit=max_tokens_limit, training=trainer.status()),
             ('POST', '/api/model/load'): lambda: self.model_load(json_body().get('out_dir')),
@@ -465,81 +516,63 @@ class Handler(BaseHTTPRequestHandler):
                                                                 json_body().get('overrides') or []),
             ('POST', '/api/train/stop'): trainer.stop,
             ('GET', '/api/train/status'): trainer.status,
-            ('GET', '/api/train/log'): lambda: trainer.read_log(query.get('offset', ['0'])[0]),
+            ('GET', '/api/train/log'): lambda: trainer.read_log(self.query.get('offset', ['0'])[0]),
         }
 
-    def handle_method(self, method):
-        Server.answering.add(self)
-        try:
-            self.answer(method)
-        finally:
-            Server.answering.discard(self)
-
     def answer(self, method):
+        Server.answering.add(self)
         self.headers_sent, url = False, urllib.parse.urlsplit(self.path)
-        allowed = [m for m, path in self.routes({}, b'') if path == url.path]
+        allowed = [m for m, path in self.routes() if path == url.path]
         try:
-            if not allowed:
-                raise APIError(f"unknown path: {method} {url.path}", status=404, code='not_found')
-            if method not in allowed:
-                raise APIError(f"{method} is not allowed on {url.path}", status=405, code='method_not_allowed')
-            if api_key and url.path.startswith(('/v1/', '/api/')) and not hmac.compare_digest(
-                    self.headers.get('Authorization', '').encode(), f'Bearer {api_key}'.encode()):
-                raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401,
-                               code='invalid_api_key')
-            body = self.read_body()
+            require(allowed, f"unknown path: {method} {url.path}", status=404, code='not_found')
+            require(method in allowed, f"{method} is not allowed on {url.path}", status=405, code='method_not_allowed')
+            locked = api_key and url.path.startswith(('/v1/', '/api/'))  # the page and /health stay open
+            require(not locked or hmac.compare_digest(self.headers.get('Authorization', '').encode(),
+                                                      f'Bearer {api_key}'.encode()),
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, code='invalid_api_key')
+            self.body, self.query = self.read_body(), urllib.parse.parse_qs(url.query)
             self.deadline.cancel()
-            result = self.routes(urllib.parse.parse_qs(url.query), body)[method, url.path]()
+            result = self.routes()[method, url.path]()
             if result is not None:
                 self.send_json(200, result)
-        except APIError as e:
+        except OSError:
+            pass  # the client went away, or stopped reading
+        except Exception as e:
+            if not isinstance(e, APIError):
+                traceback.print_exc()
+                e = server_error("internal server error")
             if not self.headers_sent:
                 self.close_connection = True
                 self.send_json(e.status, e.body(), [('Allow', ', '.join(allowed))] if e.status == 405 else [])
-        except OSError:
-            pass  # the client went away, or stopped reading
-        except Exception:
-            traceback.print_exc()
-            if not self.headers_sent:
-                self.send_json(500, server_error("internal server error").body())
+        finally:
+            Server.answering.discard(self)
 
     def read_body(self):
-        if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
-            raise APIError("send the body with a Content-Length", status=411, code='length_required')
         length = self.headers.get('Content-Length', '0').strip()
-        if not length.isdigit():
-            raise APIError("invalid Content-Length")
-        if int(length) > max_body_bytes:
-            raise APIError(f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
-                           code='request_too_large')
+        require('chunked' not in self.headers.get('Transfer-Encoding', '').lower(),
+                "send the body with a Content-Length", status=411, code='length_required')
+        require(length.isdigit(), "invalid Content-Length")
+        require(int(length) <= max_body_bytes, f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
+                code='request_too_large')
         body = self.rfile.read(int(length))
-        if len(body) < int(length):
-            raise APIError(f"the body did not arrive within {request_timeout} seconds", status=408, code='timeout')
+        require(len(body) == int(length), f"the body did not arrive within {request_timeout} seconds", status=408,
+                code='timeout')
         return body
 
-    def json_object(self, body):
-        try:
-            value = json.loads(body.decode('utf-8'), parse_constant=refuse_constant)
-        except UnicodeDecodeError:
-            raise APIError("the body is not valid UTF-8")
-        except (ValueError, RecursionError) as e:
-            raise APIError(f"the body is not valid JSON: {e}")
-        if not isinstance(value, dict):
-            raise APIError("the body must be a JSON object")
-        return value
-
-    def send_json(self, status, obj, headers=(), content_type='application/json'):
-        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    def send_head(self, status, content_type, headers=()):
         self.send_response(status)
-        for key, value in [('Content-Type', content_type), ('Content-Length', str(len(data))), *headers]:
+        for key, value in [('Content-Type', content_type), *headers]:
             self.send_header(key, value)
         self.end_headers()
         self.headers_sent = True
+
+    def send_json(self, status, obj, headers=(), content_type='application/json'):
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_head(status, content_type, [('Content-Length', str(len(data))), *headers])
         self.wfile.write(data)
 
     def next_event(self, request):
-        """The request's next event from the worker; None (and the request cancelled) once the
-        client has closed its end (the socket reads as end-of-file)."""
+        """The request's next event from the worker; None, and the request cancelled, once its client has gone."""
         while True:
             try:
                 return request.events.get(timeout=0.25)
@@ -558,9 +591,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, f.read(), [('Cache-Control', 'no-store')], 'text/html; charset=utf-8')
 
     def model_load(self, new_out_dir):
-        if not isinstance(new_out_dir, str) or not os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')):
-            raise APIError(f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir',
-                           *((404, 'not_found') if isinstance(new_out_dir, str) else ()))
+        require(isinstance(new_out_dir, str) and os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')),
+                f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir',
+                *((404, 'not_found') if isinstance(new_out_dir, str) else ()))
         with load_lock:  # one load at a time
             try:
                 loaded = Loaded('resume', new_out_dir)
@@ -571,81 +604,38 @@ class Handler(BaseHTTPRequestHandler):
             done.wait()
         return loaded.describe()
 
-    def completions(self, body):
-        prompt, loaded = body.get('prompt'), worker.loaded
-        is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)  # noqa: E731
-        prompts = [prompt] if isinstance(prompt, str) or is_ids(prompt) else prompt
-        if not (isinstance(prompts, list) and 0 < len(prompts) <= max_batch_size
-                and all(isinstance(p, str) or is_ids(p) for p in prompts)):
-            raise APIError(f"'prompt' must be a string, a list of token ids, or a list of 1 to {max_batch_size} "
-                           f"of either", 'prompt')
-        try:
-            ids = [loaded.tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
-        except ValueError as e:  # e.g. a character a char-level model has never seen
-            raise APIError(str(e), 'prompt')
-        if any(not 0 <= t < loaded.tokenizer.n_vocab for p in ids for t in p):
-            raise APIError(f"prompt token ids must be in 0..{loaded.tokenizer.n_vocab - 1}", 'prompt')
-        echo = flag(body, 'echo')
-        rows, how = read_request(body, ids, loaded.tokenizer, default_max_tokens=16, chat=False, echo=echo)
-        texts = [p if isinstance(p, str) else loaded.tokenizer.decode(p) for p in prompts]
-        return self.generate(loaded, rows, how, how['stop'], chat=False, echo=texts if echo else None)
-
-    def chat_completions(self, body):
+    def complete(self, body, chat):
+        """/v1/completions and /v1/chat/completions: one JSON body, or with stream=true server-sent events."""
         loaded = worker.loaded
-        try:
-            ids, stop = render_chat(loaded.tokenizer, chat_messages(body.get('messages')))
-        except ValueError as e:
-            raise APIError(str(e), 'messages')
-        rows, how = read_request(body, [ids], loaded.tokenizer, default_max_tokens=256, chat=True)
-        return self.generate(loaded, rows, how, how['stop'] + stop, chat=True, echo=None)
-
-    def logprobs_json(self, entries, chat, offset=0):
-        """OpenAI's logprobs object for [(token, logprob, top)]: the chat form, or the completions
-        form (with text_offset, counted from `offset`)."""
-        text = lambda t: self.tokenizer.token_bytes([t]).decode('utf-8', errors='replace')  # noqa: E731
-        if chat:
-            entry = lambda t, lp: dict(token=text(t), logprob=lp, bytes=list(self.tokenizer.token_bytes([t])))  # noqa: E731
-            return {'content': [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top]) for t, lp, top in entries]}
-        tokens = [text(t) for t, _, _ in entries]
-        offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
-        return dict(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries], text_offset=offsets,
-                    top_logprobs=[None if top is None else {text(a): b for a, b in top} for _, _, top in entries])
-
-    def generate(self, loaded, rows, how, stop, chat, echo):
-        request = Request(loaded, rows, stop, score_prompt=bool(echo) and how['logprobs'] is not None)
+        prompts, prompt_texts, chat_stop = read_prompts(body, loaded.tokenizer, chat)
+        echo = not chat and flag(body, 'echo')
+        rows, how = read_request(body, prompts, loaded.tokenizer, 256 if chat else 16, chat, echo)
+        request = Request(loaded, rows, how['stop'] + chat_stop, echo)
         worker.submit(request)
-        self.tokenizer = loaded.tokenizer
-        n_choices, stream, want_logprobs = len(rows) * how['n'], how['stream'], how['logprobs'] is not None
+        n, stream = len(rows) * how['n'], how['stream']
         meta = dict(id=('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, created=int(time.time()),
                     model=loaded.name, object=('chat.completion' if chat else 'text_completion') +
                     ('.chunk' if chat and stream else ''))
-        texts = [echo[i // how['n']] if echo else '' for i in range(n_choices)]
-        offsets = [0 if echo else len(loaded.tokenizer.decode(rows[i // how['n']][0].prompt)) for i in range(n_choices)]
-        logprobs, reasons = [[] for _ in range(n_choices)], [None] * n_choices
+        texts, logprobs, reasons = [''] * n, [[] for _ in range(n)], [None] * n
+        offsets = [0 if echo else len(loaded.tokenizer.decode(rows[i // how['n']][0].prompt)) for i in range(n)]
         usage = dict(prompt_tokens=sum(len(r[0].prompt) for r in rows), completion_tokens=0)
 
-        def choice(i, text=None, finish_reason=None, role=False, entries=(), offset=0):
-            lp = self.logprobs_json(entries, chat, offset) if want_logprobs and not role else None
+        def choice(i, text, entries, finish_reason):
+            lp = logprobs_json(loaded.tokenizer, entries, chat, offsets[i]) if how['logprobs'] is not None else None
             if not chat:
-                return dict(index=i, text=text or '', logprobs=lp, finish_reason=finish_reason)
-            if not stream:
-                return dict(index=i, message=dict(role='assistant', content=text), logprobs=lp,
-                            finish_reason=finish_reason)
-            delta = {'role': 'assistant', 'content': ''} if role else ({'content': text} if text else {})
-            return dict(index=i, delta=delta, logprobs=lp, finish_reason=finish_reason)
+                return dict(index=i, text=text, logprobs=lp, finish_reason=finish_reason)
+            if stream:
+                return dict(index=i, delta={'content': text} if text else {}, logprobs=lp, finish_reason=finish_reason)
+            return dict(index=i, message=dict(role='assistant', content=text), logprobs=lp, finish_reason=finish_reason)
 
         def send(obj):
             self.wfile.write(b'data: ' + json.dumps(obj).encode() + b'\n\n')
 
         if stream:
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/event-stream')
-            self.send_header('Cache-Control', 'no-cache')
-            self.end_headers()
-            self.headers_sent = True
-            for i in range(n_choices):
-                if chat or (echo and not request.score_prompt):  # a scored prompt comes with its logprobs
-                    send(dict(meta, choices=[choice(i, texts[i], role=chat)]))
+            self.send_head(200, 'text/event-stream', [('Cache-Control', 'no-cache')])
+            for i in range(n if chat else 0):  # a chat stream opens with the role
+                delta = {'role': 'assistant', 'content': ''}
+                send(dict(meta, choices=[dict(index=i, delta=delta, logprobs=None, finish_reason=None)]))
         try:
             while None in reasons:
                 event = self.next_event(request)
@@ -656,26 +646,22 @@ class Handler(BaseHTTPRequestHandler):
                         raise event[1]
                     send(event[1].body())
                     break
-                i = event[1]
-                if event[0] in ('text', 'prompt'):
-                    if event[0] == 'prompt':  # echo with logprobs: the prompt's text and tokens come first
-                        piece, entries = texts[i], event[2]
-                    else:
-                        piece, entries = event[2].lstrip() if chat and not texts[i] else event[2], event[3]
-                        texts[i] += piece  # a chat reply starts after "Assistant:" without its space
-                    logprobs[i] += entries
-                    if stream:
-                        send(dict(meta, choices=[choice(i, piece, entries=entries, offset=offsets[i])]))
-                        offsets[i] += len(piece)  # a chunk's text_offset continues the one before
-                else:
-                    reasons[i] = event[2]
+                kind, i = event[:2]
+                if kind == 'done':
+                    piece, entries, reasons[i] = '', [], event[2]
                     usage['completion_tokens'] += event[3]
-                    if stream:
-                        send(dict(meta, choices=[choice(i, finish_reason=event[2])]))
+                else:  # with echo, the prompt's text and tokens come first
+                    piece, entries = (prompt_texts[i // how['n']], event[2]) if kind == 'prompt' else event[2:]
+                    if chat and not texts[i]:
+                        piece = piece.lstrip()  # a chat reply starts after "Assistant:" without its space
+                    texts[i] += piece
+                    logprobs[i] += entries
+                if stream:
+                    send(dict(meta, choices=[choice(i, piece, entries, reasons[i])]))
+                    offsets[i] += len(piece)  # a chunk's text_offset continues the one before
             usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
             if not stream:
-                return dict(meta, usage=usage, choices=[choice(i, texts[i], reasons[i], entries=logprobs[i],
-                                                               offset=offsets[i]) for i in range(n_choices)])
+                return dict(meta, usage=usage, choices=[choice(i, texts[i], logprobs[i], reasons[i]) for i in range(n)])
             if None not in reasons and how['include_usage']:
                 send(dict(meta, choices=[], usage=usage))
             self.wfile.write(b'data: [DONE]\n\n')
@@ -692,18 +678,18 @@ class Server(ThreadingHTTPServer):
 def main():
     global worker, trainer, load_lock, dtype
     if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1:
-        sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout must be >= 1")
+        sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout "
+                 "must be >= 1")
     try:
         dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
         loaded = Loaded(init_from, out_dir)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    worker, trainer, load_lock = Worker(loaded), TrainRun(), threading.Lock()
     try:
         server = Server((host, port), Handler)
     except OSError as e:
-        worker.close()
         sys.exit(f"error: cannot listen on {host}:{port}: {e}")
+    worker, trainer, load_lock = Worker(loaded), TrainRun(), threading.Lock()
     if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
         print("warning: listening beyond this machine without an api_key", file=sys.stderr)
     # Ctrl-C and SIGTERM: stop accepting, end the open streams, stop a training run, exit 0
