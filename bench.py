@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, quantize_int8
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, for_inference
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -83,6 +83,7 @@ top_k = 200  # 0 = no limit
 compare_hf = False  # also time transformers' generate (KV cache on) with the same weights
 compare_llamacpp = False  # also time llama.cpp (llama-cpp-python) on GGUF exports of the same weights, batch 1
 quantize = ''  # 'int8': our model with int8 Linears, as sample.py --quantize=int8
+packed = True  # on a CPU our Linears' weights in oneDNN's packed layout, as sample.py and serve.py run; False: nn.Linear
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
 # -----------------------------------------------------------------------------
@@ -407,11 +408,11 @@ def llamacpp_twins(model, tmpdir):
     return twins
 
 
-def twin(model, ptdtype):
-    """A copy of our model with its weights in ptdtype."""
-    copy = GPT(model.config).eval()
+def twin(model, ptdtype, quantize=''):
+    """A copy of our model (from its float weights) in ptdtype, made ready to generate as sample.py's are."""
+    copy = GPT(model.config)
     copy.load_state_dict(model.state_dict())
-    return copy.to(device=device, dtype=ptdtype)
+    return for_inference(copy, device, ptdtype, quantize, packed)
 
 
 def run_llamacpp(llm, prompts, n_new, generator):
@@ -430,42 +431,42 @@ def run_llamacpp(llm, prompts, n_new, generator):
 def bench_sample():
     if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
         fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    if quantize not in ('', 'int8'):
+        fail(f"quantize must be '' or 'int8', not '{quantize}'")
+    # `source`: the model's weights in ptdtype in plain Linears, which every implementation is made from
     if init_from == 'scratch':
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                            vocab_size=vocab_size or 50257, gelu_approximate='tanh', dropout=0.0)
-        model = GPT(config).eval().to(device=device, dtype=ptdtype)
-        if quantize == 'int8':
-            quantize_int8(model)
+        source = GPT(config).eval().to(device=device, dtype=ptdtype)
     else:
         from sample import load_model
         try:
-            model, _, _ = load_model(init_from, out_dir, device, dtype, quantize)
+            source, _, _ = load_model(init_from, out_dir, device, dtype, pack=False)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
-    if quantize not in ('', 'int8'):
-        fail(f"quantize must be '' or 'int8', not '{quantize}'")
-    cfg = model.config
+    cfg = source.config
+    model = twin(source, ptdtype, quantize)
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
             fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")
         if dtype != 'float32':
-            impls.append(('ours float32', run_ours, twin(model, torch.float32)))
-        impls.append((f"ours {dtype} int8", run_ours, quantize_int8(twin(model, ptdtype))))
+            impls.append(('ours float32', run_ours, twin(source, torch.float32)))
+        impls.append((f"ours {dtype} int8", run_ours, twin(source, ptdtype, 'int8')))
     if compare_hf:
         if prompt_tokens + max_new_tokens > cfg.block_size:
             fail(f"compare_hf: prompt_tokens + max_new_tokens must fit in block_size ({cfg.block_size}); "
                  f"transformers' GPT-2 cannot go past it")
-        hf = hf_twin(model)
+        hf = hf_twin(source)
         impls.append((f"transformers {dtype} ({hf.config._attn_implementation})", run_hf, hf))
     if compare_llamacpp:
         tmpdir = tempfile.mkdtemp(prefix='bench-gguf-')
         atexit.register(shutil.rmtree, tmpdir, True)
-        impls.extend(llamacpp_twins(model, tmpdir))
+        impls.extend(llamacpp_twins(source, tmpdir))
     if compare_uncached:
-        impls.append(('uncached (reference)', run_uncached, model))
+        impls.append(("uncached (reference)", run_uncached, source))
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
-          f"{model.get_num_params() / 1e6:.1f}M parameters; {device} {dtype}, {torch.get_num_threads()} threads")
+          f"{source.get_num_params() / 1e6:.1f}M parameters; {device} {dtype}, {torch.get_num_threads()} threads")
     print(f"prompt {prompt_tokens} tokens, {max_new_tokens} new tokens, temperature {temperature}, top_k {top_k}")
 
     # the same random prompts for every implementation: row i of batch B is row i of the largest batch

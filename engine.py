@@ -103,12 +103,6 @@ class Engine:
         self.rows = []
         self.counts = None  # (max_rows, vocab) token counts, made when a row first uses a penalty
         self.bias = None  # (max_rows, vocab) logit_bias, made when a row first uses one
-        # A float32 CPU step multiplies a few rows by the head's (vocab, n_embd) matrix: MKL does
-        # that ~1.7x faster with the matrix transposed (measured on GPT-2's head, batch 1; 1.2x at
-        # batch 8). In bfloat16 the plain layout is faster. The copy costs vocab * n_embd floats.
-        self.head_t = None
-        if weight.device.type == 'cpu' and model.lm_head.weight.dtype == torch.float32:
-            self.head_t = model.lm_head.weight.detach().t().contiguous()
 
     # --- joining and leaving ---
 
@@ -238,7 +232,7 @@ class Engine:
         idx = torch.tensor([[row.next_token] for row in rows], device=self.device)
         x = self.model.hidden_states(idx, cache=view)
         self.cache.lengths[first:first + len(rows)] = view.lengths
-        return self.model.logits(x[:, -1], self.head_t).float()
+        return self.model.logits(x[:, -1]).float()
 
     def _make_room(self, slot, row):
         """A learned-position model cannot see past block_size. When a row's cache is full,

@@ -298,10 +298,9 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def logits(self, x, head_t=None):
-        """Scores over the vocabulary from final hidden states. head_t is lm_head's weight
-        transposed: engine.py's faster layout for multiplying a few rows on a CPU."""
-        logits = self.lm_head(x) if head_t is None else x @ head_t
+    def logits(self, x):
+        """Scores over the vocabulary from final hidden states."""
+        logits = self.lm_head(x)
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -522,13 +521,39 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def quantize_int8(model):
-    """Swap every Linear (the head too) for an Int8Linear, in place, for inference. A tied head
-    gets its own int8 copy; the token embedding keeps the model's dtype."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+class PackedLinear(nn.Module):
+    """A Linear for CPU inference whose weight oneDNN has reordered once into its own blocked
+    layout. A decode step multiplies a few rows by every weight, so it is bound by reading them:
+    from this layout oneDNN reads ~1.6x (bfloat16) to ~2.3x (float32) faster than from nn.Linear's
+    (measured on GPT-2's matrices, 1 row, 2 cores). The same numbers come out, summed in another order."""
+
+    def __init__(self, linear):
+        super().__init__()
+        # an opaque oneDNN tensor, so a plain attribute: it stays out of state_dict and .to()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, 'none', [], '')
+
+
+def for_inference(model, device, dtype, quantize='', pack=True):
+    """Make `model` ready to generate with, in place: eval mode, the weights cast once to `dtype`
+    (not autocast on every op), and on a CPU every Linear (the head too; a tied head gets its own
+    copy, the embedding keeps `dtype`) swapped for a faster one: Int8Linear with quantize='int8',
+    else PackedLinear (float32 and bfloat16, where this PyTorch has oneDNN; pack=False keeps
+    nn.Linear, for bench.py to show the difference). sample.py's load_model and bench.py call it."""
+    model.eval().to(device=device, dtype=dtype)
+    if quantize == 'int8':
+        swap = Int8Linear
+    elif pack and device == 'cpu' and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        swap = PackedLinear
+    else:
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+                setattr(module, name, swap(child))
     return model
 
 

@@ -18,7 +18,7 @@ import torch
 
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, check_device_dtype, load_checkpoint, quantize_int8
+from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat
 
 # -----------------------------------------------------------------------------
@@ -42,10 +42,10 @@ quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (fast
 # -----------------------------------------------------------------------------
 
 
-def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize=''):
+def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
     """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
-    where it came from (the checkpoint's iter_num, config, ...); quantize='int8' makes every Linear
-    int8. ValueError or FileNotFoundError with a one-line reason for anything that cannot work, a
+    where it came from (the checkpoint's iter_num, config, parameters, ...); quantize and pack: model.for_inference's.
+    ValueError or FileNotFoundError with a one-line reason for anything that cannot work, a
     tokenizer that does not fit included."""
     ptdtype = check_device_dtype(device, dtype)
     if quantize not in ('', 'int8'):
@@ -62,12 +62,8 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
     else:
         raise ValueError(f"init_from must be 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
     check_vocab(tokenizer, model.config.vocab_size)
-    model.eval()
-    # inference only: cast the weights once instead of autocasting every op
-    model.to(device=device, dtype=ptdtype)
-    if quantize == 'int8':
-        quantize_int8(model)
-    return model, tokenizer, info
+    info['parameters'] = model.get_num_params()  # counted before for_inference swaps the Linears out
+    return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
 
 
 class TextStream:

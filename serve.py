@@ -96,7 +96,7 @@ class Loaded:
         best = float(best) if best is not None and math.isfinite(float(best)) else None
         return {'id': self.name, 'source': self.info.get('source'), 'init_from': self.init_from,
                 'out_dir': self.out_dir if self.init_from == 'resume' else None,
-                'parameters': self.model.get_num_params(), 'model_args': vars(cfg), 'config': self.info.get('config'),
+                'parameters': self.info['parameters'], 'model_args': vars(cfg), 'config': self.info.get('config'),
                 'iter_num': self.info.get('iter_num'), 'best_val_loss': best, 'tokenizer': self.tokenizer.name,
                 'vocab_size': cfg.vocab_size, 'block_size': cfg.block_size, 'device': device, 'dtype': dtype,
                 'quantize': quantize or None}
@@ -697,7 +697,7 @@ def main():
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name='http', daemon=True).start()
-    print(f"serving {loaded.name} ({loaded.model.get_num_params() / 1e6:.2f}M parameters, {device}) on "
+    print(f"serving {loaded.name} ({loaded.info['parameters'] / 1e6:.2f}M parameters, {device}) on "
           f"http://{host}:{server.server_address[1]}", flush=True)
     stop.wait()
     print("shutting down", flush=True)

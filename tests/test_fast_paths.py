@@ -10,7 +10,7 @@ import torch
 
 import model as model_module
 from engine import Engine, generate
-from model import GPT, GPTConfig, Int8Linear, auto_dtype, check_device_dtype, quantize_int8
+from model import GPT, GPTConfig, Int8Linear, PackedLinear, auto_dtype, check_device_dtype, for_inference
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -59,17 +59,35 @@ def test_an_explicit_dtype_is_kept_silently(monkeypatch, capsys):
         check_device_dtype('cpu', 'int8')
 
 
-def test_float32_engine_keeps_its_float32_path():
-    model = tiny()
-    engine = Engine(model, 1, 8)
-    assert engine.cache.k[0].dtype == torch.float32 and engine.head_t is not None
-    assert all(isinstance(m, torch.nn.Linear) for m in (model.lm_head, model.transformer.h[0].mlp.c_fc))
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_packed_linears_give_the_plain_models_tokens(dtype):
+    model = tiny(bias=True, seed=3).to(dtype)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident, so greedy tokens are not near-ties
+    packed = for_inference(copy.deepcopy(model), 'cpu', dtype)
+    assert all(isinstance(m, PackedLinear) for m in (packed.lm_head, packed.transformer.h[0].attn.c_attn))
+    assert packed.transformer.wte.weight.dtype == dtype  # the tied embedding stays a plain lookup
+    idx = torch.randint(TINY['vocab_size'], (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, got = model(idx)[0].float(), packed(idx)[0].float()
+    # the same products summed in another order: float32 agrees to rounding, bfloat16 to its coarser rounding
+    assert ((ref - got).abs().max() / ref.abs().max()).item() < (1e-5 if dtype == torch.float32 else 2e-2)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    assert generate(packed, prompts, 12, temperature=0) == generate(model, prompts, 12, temperature=0)
+    assert generate(packed, prompts, 12, seed=7, top_k=5) == generate(model, prompts, 12, seed=7, top_k=5)
+
+
+def test_packing_is_for_cpus_and_plain_float_dtypes():
+    for device, dtype, pack in [('cpu', torch.float16, True), ('cpu', torch.float32, False)]:
+        model = for_inference(tiny(), device, dtype, pack=pack)
+        assert type(model.lm_head) is torch.nn.Linear and not model.training
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_int8_logits_close_to_float32(dtype):
     model = tiny(bias=True)
-    q = quantize_int8(copy.deepcopy(model).to(dtype))
+    q = for_inference(copy.deepcopy(model), 'cpu', dtype, 'int8')
     assert isinstance(q.lm_head, Int8Linear) and q.lm_head.weight.dtype == torch.int8
     assert q.transformer.wte.weight.dtype == dtype  # the embedding stays a float lookup
     idx = torch.randint(TINY['vocab_size'], (3, 20), generator=torch.Generator().manual_seed(1))
@@ -79,7 +97,7 @@ def test_int8_logits_close_to_float32(dtype):
     assert err < (2e-2 if dtype == torch.float32 else 5e-2), err
     # through the engine: a KV cache in the model's float dtype, not int8
     engine = Engine(q, 2, 4)
-    assert engine.cache.k[0].dtype == dtype and engine.head_t is None
+    assert engine.cache.k[0].dtype == dtype
 
 
 def test_int8_greedy_matches_float32_on_a_confident_model():
@@ -88,7 +106,7 @@ def test_int8_greedy_matches_float32_on_a_confident_model():
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     prompts = [[1, 2, 3, 4], [5, 6]]
-    q = quantize_int8(copy.deepcopy(model))
+    q = for_inference(copy.deepcopy(model), 'cpu', torch.float32, 'int8')
     assert generate(q, prompts, 12, temperature=0) == generate(model, prompts, 12, temperature=0)
 
 
