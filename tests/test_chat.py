@@ -134,7 +134,7 @@ def test_prepare_input_and_its_errors(tmp_path):
         bad = tmp_path / f'bad{i}.jsonl'
         bad.write_text(src.read_text().splitlines()[0] + '\n\n' + line + '\n')
         proc = prepare(f'--input={bad}', f'--out_dir={tmp_path / "bad"}', '--vocab_size=300', check=False)
-        assert proc.returncode == 1 and f'line 3:' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert proc.returncode == 1 and 'line 3:' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / 'bad').exists() or not os.listdir(tmp_path / 'bad')
     proc = prepare(f'--input={src}', f'--out_dir={tmp_path / "big"}', '--vocab_size=70000', check=False)
     assert proc.returncode == 1 and 'uint16' in proc.stderr

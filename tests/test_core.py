@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHAKESPEARE, run_script
+from conftest import REPO, run_script
 from engine import generate
 from model import GPT, GPTConfig
 

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
 from conftest import REPO, run_script
 import engine as engine_module
-from engine import Engine, Row, apply_penalties, generate, sample_tokens
+from engine import apply_penalties, generate, sample_tokens
 from model import GPT, GPTConfig, KVCache
 from sample import TextStream, generate_text
 from tokenizer import char_tokenizer, gpt2_tokenizer
