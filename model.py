@@ -191,6 +191,7 @@ class CausalSelfAttention(nn.Module):
                 cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)
                 cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
             k, v = cache_k[:, :, :end + T], cache_v[:, :, :end + T]
+            q = q.to(k.dtype)  # the cache may be kept in another dtype (engine.py: float32 on a CPU)
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head
         if attn_mask is None:
@@ -199,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

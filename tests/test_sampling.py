@@ -157,6 +157,13 @@ def test_top_k_keeps_the_k_most_likely_and_ties():
     # a tie at the k-th place keeps every tied token (as masking logits below the k-th does)
     tied = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0]])
     assert set(draws(tied, top_k=2).nonzero()[:, 0].tolist()) == {1, 2, 3, 4}
+    # the same in a big vocabulary, where the candidates (twice top_k) hold the whole tie run,
+    # and where the run goes past them
+    for run in (3, 20):
+        big = -10.0 - 0.001 * torch.arange(1000.0)[None]
+        big[0, 500:500 + run] = 2.0
+        big[0, [7, 70, 700]] = 3.0
+        assert set(draws(big, top_k=4).nonzero()[:, 0].tolist()) == {7, 70, 700, *range(500, 500 + run)}
     # temperature sharpens within the kept tokens
     cold, warm = draws(logits, top_k=3, temperature=0.3), draws(logits, top_k=3, temperature=3.0)
     assert cold[1] > warm[1] and cold[3] < warm[3]
