@@ -78,6 +78,24 @@ def test_packed_linears_give_the_plain_models_tokens(dtype):
     assert generate(packed, prompts, 12, seed=7, top_k=5) == generate(model, prompts, 12, seed=7, top_k=5)
 
 
+@pytest.mark.parametrize('switch', [{}, {'use_rope': True}, {'use_alibi': True}])
+def test_bfloat16_model_decodes_through_a_float32_cache(switch):
+    # a CPU cache is float32 whatever the weights (engine.py); the attention that reads it too,
+    # with rows at different lengths (a mask) and ALiBi's float mask included
+    model = tiny(seed=3, **switch)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident, so greedy tokens are not near-ties
+    model = for_inference(model, 'cpu', torch.bfloat16)
+    assert Engine(model, 2, 4).cache.k[0].dtype == torch.float32
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9]]
+    for prompt, tokens in zip(prompts, generate(model, prompts, 10, temperature=0)):
+        with torch.inference_mode():  # the same greedy tokens from full forwards without a cache
+            seq = list(prompt)
+            for _ in range(10):
+                seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+        assert tokens == seq[len(prompt):]
+
+
 def test_packing_is_for_cpus_and_plain_float_dtypes():
     for device, dtype, pack in [('cpu', torch.float16, True), ('cpu', torch.float32, False)]:
         model = for_inference(tiny(), device, dtype, pack=pack)
