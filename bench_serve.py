@@ -39,8 +39,8 @@ clients = 8  # concurrent clients in the second run (and serve.py's max_batch_si
 max_tokens = 64  # tokens each client streams
 prompt = "The meaning of life is"
 device = 'cpu'
-dtype = 'float32'
-threads = 0  # CPU threads for serve.py's torch (OMP_NUM_THREADS); 0 = torch's default (all cores)
+dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
+threads = 0  # serve.py's --threads (CPU threads of the model); 0 = its default, one fewer than the cores
 timeout = 600  # seconds: the whole benchmark gives up after this long
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
@@ -62,10 +62,8 @@ def start_server(model_dir, log_path, deadline):
     log = open(log_path, 'w')
     command = [sys.executable, os.path.join(HERE, 'serve.py'), f'--out_dir={model_dir}', '--host=127.0.0.1',
                '--port=0', f'--device={device}', f'--dtype={dtype}', f'--max_batch_size={clients}',
-               f'--max_tokens_limit={max(max_tokens, 1024)}']
+               f'--max_tokens_limit={max(max_tokens, 1024)}', f'--threads={threads}']
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if threads:
-        env['OMP_NUM_THREADS'] = str(threads)
     proc = subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     while time.time() < deadline:
         with open(log_path) as f:

@@ -553,6 +553,8 @@ def for_inference(model, device, dtype, quantize='', pack=True):
     copy, the embedding keeps `dtype`) swapped for a faster one: Int8Linear with quantize='int8',
     else PackedLinear (float32 and bfloat16, where this PyTorch has oneDNN; pack=False keeps
     nn.Linear, for bench.py to show the difference). sample.py's load_model and bench.py call it."""
+    if quantize not in ('', 'int8'):
+        raise ValueError(f"quantize must be '' or 'int8', not '{quantize}'")
     model.eval().to(device=device, dtype=dtype)
     if quantize == 'int8':
         swap = Int8Linear

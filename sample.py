@@ -48,8 +48,6 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
     ValueError or FileNotFoundError with a one-line reason for anything that cannot work, a
     tokenizer that does not fit included."""
     ptdtype = check_device_dtype(device, dtype)
-    if quantize not in ('', 'int8'):
-        raise ValueError(f"quantize must be '' or 'int8', not '{quantize}'")
     if init_from == 'resume':
         model, info = load_checkpoint(out_dir, device)
         info.pop('optimizer', None)

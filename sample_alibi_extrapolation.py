@@ -13,6 +13,9 @@ The two models of the README table (same CPU config, same iterations):
 $ python train.py config/train_shakespeare_char_cpu.py --use_alibi=True --out_dir=out-extrap-alibi
 $ python train.py config/train_shakespeare_char_cpu.py --out_dir=out-extrap-learned
 $ python sample_alibi_extrapolation.py
+
+It also measures what inference settings cost in loss, e.g. int8 Linears on one model:
+$ python sample_alibi_extrapolation.py --out_dirs="['out-shakespeare-char']" --factors=[1] --quantize=int8
 """
 import os
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import load_checkpoint
+from model import check_device_dtype, for_inference, load_checkpoint
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -30,6 +33,8 @@ dataset = ''  # '' = the dataset each model was trained on (its checkpoint's con
 stride = 0  # the sliding window's step for learned positions; 0 = block_size // 2 (1 = exact crop, slow)
 batch_size = 32  # windows per forward pass
 device = 'cpu'
+dtype = 'float32'  # the models' weights for the evaluation: 'float32', 'bfloat16', 'auto', ...
+quantize = ''  # 'int8': every Linear int8, as sample.py --quantize=int8 runs them
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -91,7 +96,10 @@ for out_dir in out_dirs:
         model, info = load_checkpoint(out_dir, device)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    model.eval()
+    try:
+        model = for_inference(model, device, check_device_dtype(device, dtype), quantize)
+    except ValueError as e:
+        fail(str(e))
     cfg = model.config
     block = cfg.block_size
     ds = dataset or info.get('config', {}).get('dataset')

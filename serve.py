@@ -53,6 +53,7 @@ request_timeout = 30  # seconds a client has to send a whole request
 api_key = ''  # when set, /v1 and /api routes need "Authorization: Bearer <api_key>"
 train_root = ''  # runs started from the page write their out_dir under here ('' = this project's folder)
 seed = 1337  # the random stream of requests that bring no seed of their own
+threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default, which leaves the HTTP threads a core
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     configure(globals())  # before the constants below, so --help and overrides see only the settings above
@@ -677,9 +678,14 @@ class Server(ThreadingHTTPServer):
 
 def main():
     global worker, trainer, load_lock, dtype
-    if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1:
+    if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1 or threads < 0:
         sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout "
-                 "must be >= 1")
+                 "must be >= 1, threads >= 0")
+    # Every streamed token wakes an HTTP thread; with all cores in torch's pool it preempts one of
+    # them mid-step and the whole step waits (2-core CPU, GPT-2 124M, bfloat16: one client got 71
+    # tok/s on 2 threads, 96 on 1)
+    if threads or torch.get_num_threads() > 1:
+        torch.set_num_threads(threads or torch.get_num_threads() - 1)
     try:
         dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
         loaded = Loaded(init_from, out_dir)
@@ -697,7 +703,8 @@ def main():
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name='http', daemon=True).start()
-    print(f"serving {loaded.name} ({loaded.info['parameters'] / 1e6:.2f}M parameters, {device}) on "
+    print(f"serving {loaded.name} ({loaded.info['parameters'] / 1e6:.2f}M parameters, {device}, "
+          f"{torch.get_num_threads()} threads) on "
           f"http://{host}:{server.server_address[1]}", flush=True)
     stop.wait()
     print("shutting down", flush=True)

@@ -389,6 +389,13 @@ def test_64_concurrent_streams_each_complete_or_get_429(server):
     assert results.count('ok') >= 8 and time.time() - t0 < 150
 
 
+@pytest.mark.parametrize('setting', ['--threads=-1', '--max_batch_size=0'])
+def test_bad_server_settings_are_one_line_and_exit_1(tmp_path, setting):
+    proc = subprocess.run([sys.executable, 'serve.py', f'--out_dir={tmp_path}', '--port=0', setting],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and 'threads >= 0' in proc.stderr
+
+
 def test_a_tokenizer_that_does_not_fit_is_refused_at_load(server, tmp_path):
     # a 37-character model without its meta.pkl would get GPT-2's BPE: refused, and the old model stays
     out_dir = write_checkpoint(tmp_path / 'out-no-meta', meta=False)
