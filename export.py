@@ -354,8 +354,8 @@ def ours_greedy(model, prompt, max_new_tokens, n):
 
 def hf_runner(path):
     """(logits over a list of ids, greedy continuation of a prompt, encode text) through transformers,
-    from the exported directory. Greedy is plain argmax with transformers' KV cache: generate() would
-    stop at an end-of-text token."""
+    from the exported directory. Greedy is plain argmax over a full forward per token: generate()
+    would stop at an end-of-text token, and the cache's argument name changes between versions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()
@@ -363,11 +363,10 @@ def hf_runner(path):
     tok = AutoTokenizer.from_pretrained(path)
 
     def greedy(prompt, n):
-        out, ids = hf(torch.tensor([prompt]), use_cache=True), []
+        ids = list(prompt)
         for _ in range(n):
-            ids.append(int(out.logits[0, -1].argmax()))
-            out = hf(torch.tensor([ids[-1:]]), past_key_values=out.past_key_values, use_cache=True)
-        return ids
+            ids.append(int(hf(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        return ids[len(prompt):]
     return lambda ids: hf(torch.tensor([ids])).logits[0], greedy, lambda text: tok(text, verbose=False)['input_ids']
 
 
