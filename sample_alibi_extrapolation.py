@@ -9,9 +9,9 @@ error, and a second row evaluates it with a sliding window instead, the way nano
 generate() crops: inside each long window, a token past the first block_size sees only the
 last block_size tokens or fewer (the window slides `stride` tokens at a time).
 
-The two models of the README table (same CPU config, same iterations):
-$ python train.py config/train_shakespeare_char_cpu.py --use_alibi=True --out_dir=out-extrap-alibi
-$ python train.py config/train_shakespeare_char_cpu.py --out_dir=out-extrap-learned
+The two models of docs/experiments.md's table (same CPU config, same iterations, float32):
+$ python train.py config/train_shakespeare_char_cpu.py --dtype=float32 --use_alibi=True --out_dir=out-extrap-alibi
+$ python train.py config/train_shakespeare_char_cpu.py --dtype=float32 --out_dir=out-extrap-learned
 $ python sample_alibi_extrapolation.py
 
 It also measures what inference settings cost in loss, e.g. int8 Linears on one model:

@@ -19,7 +19,6 @@ import torch
 
 from conftest import GPT2_BPE, REPO, SHAKESPEARE, run_script
 import export
-from engine import Engine, Row
 from model import GPT, GPTConfig, load_checkpoint
 
 TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--n_layer=2', '--n_head=4', '--n_embd=32',
@@ -93,15 +92,6 @@ def printed_check(out, what):
     return float(m.group(1)), m.group(2) == m.group(3), m.group(4) == 'the same'
 
 
-def our_greedy(model, prompt, n, vocab):
-    engine = Engine(model, 1, n, vocab_size=vocab)
-    row = Row(prompt, n, top_k=1)
-    engine.add([row])
-    while engine.rows:
-        engine.step()
-    return row.tokens
-
-
 # ---------------------------------------------------------------------------------------------
 # transformers
 
@@ -142,7 +132,7 @@ def test_hf_export_matches_ours(runs, name):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=20,
                           do_sample=False, pad_token_id=0)
-    assert out[0, 12:].tolist() == our_greedy(ours, prompt, 20, n)
+    assert out[0, 12:].tolist() == export.ours_greedy(ours, prompt, 20, n)
 
 
 @pytest.mark.parametrize('switches', [
@@ -180,7 +170,7 @@ def test_hf_parity_of_switch_combinations(tmp_path, switches):
             assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
         out = hf.generate(idx[:1, :8], attention_mask=torch.ones(1, 8, dtype=torch.long), max_new_tokens=16,
                           do_sample=False)
-    assert out[0, 8:].tolist() == our_greedy(model, idx[0, :8].tolist(), 16, 70)
+    assert out[0, 8:].tolist() == export.ours_greedy(model, idx[0, :8].tolist(), 16, 70)
 
 
 def test_hf_gpt2_files_are_gpt2s(runs):
@@ -336,7 +326,7 @@ def test_llama_cpp_generates_our_tokens(runs, name, file):
         theirs.append(token)
         if len(theirs) == 20:
             break
-    assert theirs == our_greedy(ours, prompt, 20, llm.n_vocab())
+    assert theirs == export.ours_greedy(ours, prompt, 20, llm.n_vocab())
 
 
 # ---------------------------------------------------------------------------------------------
