@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, for_inference
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, for_inference
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def bench_train():
     raw_model = model
     if compile:
         print("Compiling model...")
-        model = torch.compile(model)
+        model = compiled(model, device)
 
     def train_step(X, Y):
         with ctx:

@@ -606,6 +606,19 @@ def auto_dtype(device, dtype):
     return name
 
 
+def compiled(model, device):
+    """torch.compile(model), or the model itself with one line on stderr where no compiler works
+    here (no Triton for a GPU, as on Windows; no C++ compiler for a CPU): that fails only at the
+    first forward, deep in a traceback, so a tiny function is compiled first to find out."""
+    try:
+        torch.compile(lambda t: t * 2)(torch.ones(2, device=device))
+    except Exception as e:
+        print(f"torch.compile does not work here ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+              f"running without it", file=sys.stderr)
+        return model
+    return torch.compile(model)
+
+
 def check_device_dtype(device, dtype):
     """The torch dtype named `dtype` ('auto' resolved by auto_dtype), after checking that `device`
     exists here; ValueError (with the fix) otherwise. train.py, sample.py, serve.py and bench.py all ask here."""

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, load_checkpoint
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -105,7 +105,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 # system
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
-compile = True  # torch.compile the model (PyTorch 2)
+compile = True  # torch.compile the model (PyTorch 2); where no compiler works (no Triton, no C++), one line says so and training goes on without
 peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # -----------------------------------------------------------------------------
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
@@ -436,7 +436,7 @@ raw_model = model
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
+    model = compiled(model, device)
 if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 

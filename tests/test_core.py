@@ -182,6 +182,15 @@ def test_wandb_offline(workdir):
     assert any(runs[0].rglob('*.wandb'))
 
 
+def test_compile_without_a_working_compiler_trains_without_it(workdir):
+    # the no-Triton / no-C++-compiler case: one line saying so, then an ordinary run
+    proc = train(workdir, '--out_dir=out-nocc', '--max_iters=2', '--eval_interval=2', '--compile=True',
+                 env={'CXX': '/nonexistent/g++'})
+    lines = [line for line in proc.stderr.splitlines() if 'torch.compile does not work here' in line]
+    assert len(lines) == 1 and lines[0].endswith('running without it'), proc.stderr[-2000:]
+    assert set(iter_losses(proc.stdout)) == {0, 1, 2}
+
+
 # ---------------------------------------------------------------------------------------------
 # nanoGPT compatibility and errors
 
