@@ -105,7 +105,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 # system
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
-compile = True  # torch.compile the model (PyTorch 2); where no compiler works (no Triton, no C++), one line says so and training goes on without
+compile = True  # torch.compile the model (PyTorch 2); with no working compiler here: one line, then without
 peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # -----------------------------------------------------------------------------
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
