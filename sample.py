@@ -38,7 +38,7 @@ interactive = False  # a REPL: read a prompt, stream one continuation, repeat (C
 chat = False  # a multi-turn chat: read a message, stream the reply, repeat (rendered as serve.py's chat API does)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
-quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (faster decoding on a CPU)
+quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
 # -----------------------------------------------------------------------------
 
 
