@@ -431,8 +431,6 @@ def run_llamacpp(llm, prompts, n_new, generator):
 def bench_sample():
     if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
         fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
-    if quantize not in ('', 'int8'):
-        fail(f"quantize must be '' or 'int8', not '{quantize}'")
     # `source`: the model's weights in ptdtype in plain Linears, which every implementation is made from
     if init_from == 'scratch':
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -445,7 +443,10 @@ def bench_sample():
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
     cfg = source.config
-    model = twin(source, ptdtype, quantize)
+    try:
+        model = twin(source, ptdtype, quantize)
+    except ValueError as e:  # a quantize it does not know
+        fail(str(e))
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
