@@ -44,9 +44,9 @@ quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a
 
 def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
     """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
-    where it came from (the checkpoint's iter_num, config, parameters, ...); quantize and pack: model.for_inference's.
-    ValueError or FileNotFoundError with a one-line reason for anything that cannot work, a
-    tokenizer that does not fit included."""
+    where it came from (the checkpoint's iter_num, config, parameters, ...); quantize and pack are
+    model.for_inference's. ValueError or FileNotFoundError with a one-line reason for anything
+    that cannot work, a tokenizer that does not fit included."""
     ptdtype = check_device_dtype(device, dtype)
     if init_from == 'resume':
         model, info = load_checkpoint(out_dir, device)
