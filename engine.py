@@ -167,6 +167,7 @@ class Engine:
             ids = torch.tensor(list(row.logit_bias), device=self.device)
             self.bias[slot, ids] = torch.tensor(list(row.logit_bias.values()), device=self.device, dtype=torch.float)
 
+    @torch.inference_mode()  # the penalty and bias tables are inference tensors (made in add)
     def finish(self, row, reason):
         """End a row (a stop string, a client gone, ...): it leaves the engine now."""
         row.finish_reason = row.finish_reason or reason
