@@ -17,7 +17,7 @@ import torch
 
 from configurator import configure, fail
 from sample import generate_text, load_model
-from tokenizer import read_conversations, render_chat
+from tokenizer import content_text, read_conversations, render_chat
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-chat'  # the model to score (unless url is set)
@@ -29,6 +29,7 @@ batch_size = 64  # conversations answered together (with url: requests in flight
 show_wrong = 5  # wrong answers to print
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
+tools = True  # answer the model's calculator calls (False: the model must do without; in process only)
 # -----------------------------------------------------------------------------
 
 
@@ -40,7 +41,7 @@ def read_eval_set(path):
         fail(str(e))
     if not conversations:
         fail(f"{path} has no conversations")
-    return [(messages[:-1], messages[-1][1]) for messages in conversations]
+    return [(messages[:-1], content_text(messages[-1][1])) for messages in conversations]  # a reply's text shows its calls
 
 
 def answer_locally(conversations):
@@ -54,7 +55,7 @@ def answer_locally(conversations):
         rendered = [render_chat(tokenizer, messages) for messages, _ in conversations[i:i + batch_size]]
         texts = [''] * len(rendered)
         for row, piece in generate_text(model, tokenizer, [ids for ids, _ in rendered], max_new_tokens,
-                                        stop=rendered[0][1], temperature=0.0):
+                                        stop=rendered[0][1], temperature=0.0, tools=tools):
             texts[row] += piece
         replies += texts
     return replies
@@ -63,7 +64,7 @@ def answer_locally(conversations):
 def answer_remotely(conversations):
     """The replies of a running serve.py at temperature 0, batch_size requests in flight."""
     def ask(messages):
-        body = json.dumps({'messages': [{'role': r, 'content': c} for r, c in messages], 'temperature': 0,
+        body = json.dumps({'messages': [{'role': r, 'content': content_text(c)} for r, c in messages], 'temperature': 0,
                            'max_tokens': max_new_tokens}).encode()
         request = urllib.request.Request(url.rstrip('/') + '/v1/chat/completions', body, {'Content-Type': 'application/json'})
         with urllib.request.urlopen(request, timeout=600) as r:
@@ -82,6 +83,8 @@ def normalise(text):
 def main():
     if batch_size < 1:
         fail(f"batch_size must be >= 1, not {batch_size}")
+    if url and not tools:
+        fail("tools=False works in process only: serve.py always answers a model's calculator calls")
     conversations = read_eval_set(input)[:limit or None]
     t0 = time.time()
     replies = answer_remotely(conversations) if url else answer_locally(conversations)

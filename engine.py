@@ -6,7 +6,8 @@ settings, every row in one vectorised call. sample.py, bench.py and serve.py all
 through it.
 
 It knows nothing about text: prompts and outputs are token ids. Stop *strings* are the
-caller's (sample.py's TextStream spots them and calls Engine.finish).
+caller's (sample.py's TextStream spots them and calls Engine.finish), and so are tools: the
+caller queues a tool's output on row.forced, which the next steps feed instead of sampling.
 
     engine = Engine(model, max_rows=4, max_new_tokens=100)
     engine.add([Row(prompt_ids, max_tokens=100, temperature=0.8, top_k=200, seed=1)])
@@ -15,6 +16,7 @@ caller's (sample.py's TextStream spots them and calls Engine.finish).
             print(row.tokens[-1])
 """
 import random
+from collections import deque
 
 import torch
 
@@ -41,7 +43,10 @@ class Row:
     once per seen token / per occurrence. logit_bias: {token id: value added to its logit}.
     seed: the row's own random stream (else the engine's). stop_tokens: ids that end the row
     (the id is kept in tokens, finish_reason 'stop'). logprobs: None, or how many of the most
-    likely alternatives to record with each token's log probability."""
+    likely alternatives to record with each sampled token's log probability.
+    forced: ids the caller queues for the next steps to feed instead of sampling (a calculator's
+    output); they join tokens like any other but are not the model's choice: sampled is False for
+    them and they get no logprobs entry."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, stop_tokens=(),
@@ -72,6 +77,8 @@ class Row:
         self.logit_bias, self.stop_tokens, self.logprobs = dict(logit_bias or {}), set(stop_tokens), logprobs
         self.rng = random.Random(seed) if seed is not None else None
         self.tokens = []  # generated so far
+        self.sampled = []  # for each of tokens: True where the model sampled it, False where it was forced
+        self.forced = deque()  # ids the next steps take instead of sampling, queued by the caller
         self.token_logprobs = []  # with logprobs: (logprob of the token, [(id, logprob) of the top alternatives])
         self.next_token = None  # the token the next step feeds (the prompt's last, then each new one)
         self.finish_reason = None  # 'length' | 'stop' | 'error' | whatever the caller's finish() says
@@ -194,15 +201,18 @@ class Engine:
             return []
         logits = self._isolated(self._forward, rows)
         live = [r for r in rows if r.error is None]
+        sampling = [r for r in live if not r.forced]  # the others take their next forced token
         # each row's random draw, made once: a retry below must not move a row's random stream
-        draws = {id(r): (r.rng or self.rng).random() for r in live}
+        draws = {id(r): (r.rng or self.rng).random() for r in sampling}
         tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part]],
-                                                          [draws[id(r)] for r in part]), live)
-        done = [(row, token) for row, token in zip(live, tokens.tolist()) if row.error is None]
+                                                          [draws[id(r)] for r in part]), sampling)
+        chosen = {id(row): token for row, token in zip(sampling, tokens.tolist())}
+        done = [(row, chosen[id(row)] if id(row) in chosen else row.forced.popleft()) for row in live if row.error is None]
         if self.counts is not None and done:
             slots = [self.rows.index(row) for row, _ in done]
             self.counts[slots, [token for _, token in done]] += 1
         for row, token in done:
+            row.sampled.append(id(row) in chosen)
             self._append(row, token)
         for row in rows:
             if row.error is not None:

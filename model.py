@@ -512,6 +512,24 @@ def load_checkpoint(out_dir, device='cpu', dropout=None):
     return model, checkpoint
 
 
+def write_checkpoint(path, checkpoint):
+    """Save a checkpoint dict crash-safe: into a temporary file beside path, flushed to disk, then
+    renamed over path. A kill at any moment leaves the old checkpoint or the new one, whole; on an
+    exception the temporary file is removed and the exception passes on. train.py and rl.py save
+    through here (train.py removes a temporary ckpt.pt.<pid>.tmp that a killed run left behind)."""
+    tmp_path = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise
+
+
 class Int8Linear(nn.Module):
     """A Linear whose weight is held as int8 with one scale per output row (weight-only
     quantization): a decode step streams a quarter of float32's bytes. The input keeps its dtype."""

@@ -16,10 +16,11 @@ import time
 
 import torch
 
+from calculator import tool_calls
 from configurator import configure, fail
 from engine import Engine, Row
 from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat, reply_content
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
@@ -39,6 +40,7 @@ chat = False  # a multi-turn chat: read a message, stream the reply, repeat (ren
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
+tools = True  # a chat model with the calculator tokens gets its calculator calls answered (calculator.py)
 # -----------------------------------------------------------------------------
 
 
@@ -119,11 +121,19 @@ def stop_tokens_of(tokenizer):
     return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat
 
 
+def start_reply(row, tokenizer, stop=(), tools=True):
+    """What decode_step needs on a row: its TextStream (row.text) and its calculator (row.calculator,
+    None unless tools and the tokenizer has the tool tokens)."""
+    row.text = TextStream(tokenizer, stop, row.stop_tokens)
+    row.calculator = tool_calls(tokenizer, tools)
+
+
 def decode_step(engine):
     """One engine step, as text: (row, the text its new token adds) for each row the step
-    touched. Every row carries its TextStream as row.text: a row whose text reaches a stop
-    string ends there, and a token the tokenizer cannot decode fails the row (row.error) as an
-    engine fault would."""
+    touched. Every row carries its TextStream as row.text (see start_reply): a row whose text
+    reaches a stop string ends there, and a token the tokenizer cannot decode fails the row
+    (row.error) as an engine fault would. A row's row.calculator answers the calculator calls
+    its model writes: the call and its output are part of the text."""
     out = []
     for row in engine.step():
         piece = ''
@@ -134,6 +144,8 @@ def decode_step(engine):
                     engine.finish(row, 'stop')
                 if row.finish_reason:
                     piece += row.text.finish()
+                elif getattr(row, 'calculator', None):  # a row made before start_reply existed has none
+                    row.forced.extend(row.calculator.after(row.tokens[-1]))
             except Exception as e:
                 row.error = e
                 engine.finish(row, 'error')
@@ -141,17 +153,21 @@ def decode_step(engine):
     return out
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
+def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, tools=True, keep=None,
+                  **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
-    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
+    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...); tools: answer the
+    model's calculator calls. keep: a list that receives the engine rows (their tokens, which were sampled)."""
     rows = [Row(tokenizer.encode_prompt(p) if isinstance(p, str) else p, max_new_tokens, seed=None if seed is None else seed + i,
                 stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
     engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
                     longest_prompt=max(len(row.prompt) for row in rows))
     index = {id(row): i for i, row in enumerate(rows)}
+    if keep is not None:
+        keep.extend(rows)
     for row in rows:
-        row.text = TextStream(tokenizer, stop, row.stop_tokens)
+        start_reply(row, tokenizer, stop, tools)
     engine.add(rows)
     bar = None
     if progress:
@@ -184,7 +200,7 @@ def main():
     if num_samples < 1:
         fail(f"num_samples must be >= 1, not {num_samples}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   stop=stop)
+                   stop=stop, tools=tools)
     try:  # the settings and the prompt, checked before any work
         Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty)
@@ -217,7 +233,7 @@ def main():
                 print()
                 return
             print(flush=True)
-            messages += [('user', line), ('assistant', reply)]
+            messages += [('user', line), ('assistant', reply_content(reply))]
             n += 1
 
     if stream:

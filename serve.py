@@ -34,7 +34,7 @@ import torch
 from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError
 from model import auto_dtype
-from sample import TextStream, decode_step, load_model, stop_tokens_of
+from sample import decode_step, load_model, start_reply, stop_tokens_of
 from tokenizer import CHAT_ROLES, render_chat
 
 # -----------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class Worker:
             rows = request.rows[i]
             for j, row in enumerate(rows):
                 row.request, row.choice = request, i * len(rows) + j
-                row.text = TextStream(self.loaded.tokenizer, request.stop, row.stop_tokens)
+                start_reply(row, self.loaded.tokenizer, request.stop)  # its text, and its calculator if the model has one
             try:
                 if request.loaded is not self.loaded:  # tokenized for a model that is gone
                     raise server_error("the model was replaced; send the request again", 'model_replaced', 503)
@@ -248,7 +248,8 @@ class Worker:
                 continue
             self.stats['generated_tokens'] += 1
             token = row.tokens[-1]
-            scored = row.logprobs is not None and token not in row.stop_tokens
+            # a calculator's output is forced, not sampled: no logprobs of its own
+            scored = row.logprobs is not None and token not in row.stop_tokens and row.sampled[-1]
             logprobs = [(token, *row.token_logprobs[-1])] if scored else []
             if piece or logprobs:
                 request.events.put(('text', row.choice, piece, logprobs))

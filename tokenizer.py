@@ -14,14 +14,17 @@ rendering of a conversation: prepare, sample.py --chat and serve.py all call it.
 import json
 import os
 import pickle
+import re
 import sys
 
 # GPT-4's split pattern (cl100k_base), except that numbers split into single digits as
 # LLaMA's tokenizer does: arithmetic then sees every digit as a token of its own
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
                  r"""\s+(?!\S)|\s+""")
-# a chat model's turns; ids come right after the ordinary tokens
-SPECIAL_TOKENS = ['<|bos|>', '<|user_start|>', '<|user_end|>', '<|assistant_start|>', '<|assistant_end|>']
+# a chat model's turns, then its calculator calls and their results (nanochat's nine); ids come right after
+# the ordinary tokens. A meta.pkl written before the last four existed keeps its five, with the same ids.
+SPECIAL_TOKENS = ['<|bos|>', '<|user_start|>', '<|user_end|>', '<|assistant_start|>', '<|assistant_end|>',
+                  '<|python_start|>', '<|python_end|>', '<|output_start|>', '<|output_end|>']
 MAX_VOCAB = 65536  # token files hold uint16 ids
 
 
@@ -182,12 +185,48 @@ def check_vocab(tokenizer, vocab_size):
 CHAT_ROLES = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}
 
 
+# an assistant message's content parts: text, a calculator call, the calculator's output (nanochat's form)
+PART_TOKENS = {'python': ('<|python_start|>', '<|python_end|>'), 'python_output': ('<|output_start|>', '<|output_end|>')}
+
+
+def content_text(content):
+    """A message's content as text: a string as it is; content parts as the reply decodes, the calculator's
+    call and output between their special tokens' names ("<|python_start|>6*7<|python_end|><|output_start|>42...")."""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        start, end = PART_TOKENS.get(part['type'], ('', ''))
+        pieces.append(start + part['text'] + end)
+    return ''.join(pieces)
+
+
+def reply_content(text):
+    """content_text undone, for a reply the model wrote: its calculator calls and outputs as parts again
+    (the text itself when it has none), so the next turn renders them with their special tokens."""
+    calls = '|'.join(f'{re.escape(start)}.*?{re.escape(end)}' for start, end in PART_TOKENS.values())
+    pieces = re.split(f'({calls})', text, flags=re.S)  # odd pieces are the calls and outputs
+    if len(pieces) == 1:
+        return text
+    parts = []
+    for i, piece in enumerate(pieces):
+        kind = next((k for k, (start, _) in PART_TOKENS.items() if i % 2 and piece.startswith(start)), 'text')
+        if kind != 'text':
+            parts.append({'type': kind, 'text': piece[len(PART_TOKENS[kind][0]):-len(PART_TOKENS[kind][1])]})
+        elif piece:
+            parts.append({'type': 'text', 'text': piece})
+    return parts
+
+
 def chat_tokens(tokenizer, messages):
-    """A whole conversation, [(role, text), ...], in a chat tokenizer's special tokens: its ids
+    """A whole conversation, [(role, content), ...], in a chat tokenizer's special tokens: its ids
     and a mask, 1 where the token is one the model learns to produce (the assistant's reply and
     its <|assistant_end|>). <|bos|> <|user_start|>...<|user_end|> <|assistant_start|>...<|assistant_end|> ...
     A system message has no tokens of its own: it opens the next user turn (as nanochat does),
-    so a model fine-tuned without system messages still reads it as part of the question."""
+    so a model fine-tuned without system messages still reads it as part of the question.
+    An assistant's content may be a list of parts (see parse_conversation): a calculator call is
+    <|python_start|>expr<|python_end|>, learned; its output <|output_start|>result<|output_end|> is
+    not, as the calculator, not the model, writes it when the model runs."""
     special = tokenizer.special_tokens
     ids, mask = [special['<|bos|>']], [0]
     system = []
@@ -197,15 +236,29 @@ def chat_tokens(tokenizer, messages):
             continue
         if role == 'user' and system:
             content, system = '\n\n'.join(system + [content]), []
-        text = tokenizer.encode(content)
-        ids += [special[f'<|{role}_start|>'], *text, special[f'<|{role}_end|>']]
         learn = int(role == 'assistant')
-        mask += [0] + [learn] * (len(text) + 1)
+        ids.append(special[f'<|{role}_start|>'])
+        mask.append(0)
+        for kind, text in ([('text', content)] if isinstance(content, str) else
+                           [(part['type'], part['text']) for part in content]):
+            text = tokenizer.encode(text)
+            if kind == 'text':
+                ids += text
+                mask += [learn] * len(text)
+                continue
+            if PART_TOKENS[kind][0] not in special:
+                raise ValueError(f"this tokenizer has no {PART_TOKENS[kind][0]} token (it was made before the calculator "
+                                 f"tokens existed): prepare the data with a new one to train calculator calls")
+            start, end = (special[name] for name in PART_TOKENS[kind])
+            ids += [start, *text, end]
+            mask += [int(kind == 'python')] * (len(text) + 2)
+        ids.append(special[f'<|{role}_end|>'])
+        mask.append(learn)
     return ids, mask
 
 
 def render_chat(tokenizer, messages):
-    """A conversation, [(role, text), ...], as the prompt ids for the assistant's next reply,
+    """A conversation, [(role, content), ...], as the prompt ids for the assistant's next reply,
     and the stop strings that end that reply. A chat tokenizer renders chat_tokens and
     <|assistant_start|>; the reply ends at <|assistant_end|> (sample.py's stop_tokens_of).
     A base model has never seen a chat: it gets a plain transcript to continue after
@@ -213,23 +266,32 @@ def render_chat(tokenizer, messages):
     if '<|assistant_start|>' in tokenizer.special_tokens:
         ids, _ = chat_tokens(tokenizer, messages)
         return ids + [tokenizer.special_tokens['<|assistant_start|>']], []
-    text = '\n'.join(f"{CHAT_ROLES[role]}: {content}" for role, content in messages) + '\nAssistant:'
+    text = '\n'.join(f"{CHAT_ROLES[role]}: {content_text(content)}" for role, content in messages) + '\nAssistant:'
     return tokenizer.encode_prompt(text), [f"\n{name}:" for name in CHAT_ROLES.values()]
 
 
 def parse_conversation(line):
-    """[(role, content), ...] from one JSONL line; ValueError saying what is wrong."""
+    """[(role, content), ...] from one JSONL line; ValueError saying what is wrong. content is a string;
+    an assistant's may also be a list of parts, each {"type": "text" | "python" | "python_output", "text": "..."}:
+    "python" is a calculator call (an arithmetic expression), "python_output" what the calculator answered."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})")
+    return conversation_of(obj)
+
+
+def conversation_of(obj):
+    """[(role, content), ...] from {"messages": [...]} (see parse_conversation); ValueError saying what is wrong."""
     messages = obj.get('messages') if isinstance(obj, dict) else None
     if not isinstance(messages, list) or not messages:
         raise ValueError('expected {"messages": [...]} with at least one message')
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES or not isinstance(m.get('content'), str):
-            raise ValueError(f"messages[{i}] must be {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": a string}}")
+        if not isinstance(m, dict) or m.get('role') not in CHAT_ROLES or not (
+                isinstance(m.get('content'), str) or m.get('role') == 'assistant' and is_parts(m.get('content'))):
+            raise ValueError(f"messages[{i}] must be {{\"role\": {'|'.join(CHAT_ROLES)}, \"content\": a string}}, an "
+                             f"assistant's content may be a list of {{\"type\": text|python|python_output, \"text\": a string}}")
         out.append((m['role'], m['content']))
     turns = [role for role, _ in out if role != 'system']
     # the rendering folds a system message into the next user turn, so one may stand before any user turn
@@ -239,6 +301,11 @@ def parse_conversation(line):
     if any(role == 'system' for role, _ in out[max(i for i, (role, _) in enumerate(out) if role == 'user'):]):
         raise ValueError("a system message must come before a user message")
     return out
+
+
+def is_parts(content):
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(p, dict) and p.get('type') in ('text', *PART_TOKENS) and isinstance(p.get('text'), str) for p in content)
 
 
 def read_conversations(path):

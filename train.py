@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
+from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint, write_checkpoint
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -558,20 +558,12 @@ def save_checkpoint():
         'config': config,
         'scaler': scaler.state_dict(),
     }
-    # crash-safe: write a temporary file, flush it to disk, then atomically rename it over
-    # ckpt.pt. A kill at any moment leaves either the old or the new checkpoint, whole.
-    tmp_path = os.path.join(out_dir, f'ckpt.pt.{os.getpid()}.tmp')
+    # crash-safe (model.write_checkpoint): a kill at any moment leaves either the old or the new checkpoint, whole
     saving = True
     try:
-        with open(tmp_path, 'wb') as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, ckpt_path)
+        write_checkpoint(ckpt_path, checkpoint)
         saved_iter = iter_num
-    except Exception as e:  # a full disk, no permission: never leave the partial file
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)
+    except Exception as e:  # a full disk, no permission: write_checkpoint has removed the partial file
         # torch.save reports a failed write as a RuntimeError raised while handling the OSError
         chain = [e]
         while chain[-1].__cause__ or chain[-1].__context__:

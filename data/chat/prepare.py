@@ -3,6 +3,7 @@ Prepare conversations for chat fine-tuning: your own, or a built-in task that ru
 
     python data/chat/prepare.py --input=conversations.jsonl        # one {"messages": [...]} per line
     python data/chat/prepare.py --task=arith                       # the built-in task, generated here
+    python data/chat/prepare.py --mix=smoltalk,gsm8k*2,mmlu*0.1    # hub datasets mixed by epochs (sources.py)
     python train.py config/train_chat_demo.py
 
 Each conversation ({"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, OpenAI's
@@ -16,33 +17,47 @@ the special tokens appended ('gpt2'), or another dataset's (tokenizer_from='data
 The task 'arith' asks 2- and 3-digit additions and subtractions and how often a letter occurs
 in a made-up word, each in several phrasings; the replies work it out digit by digit (letter by
 letter) before the answer, which a small model learns far faster than the bare answer. The
-held-out questions (val) never occur in train.
+held-out questions (val) never occur in train. Its hard variant 'products' asks products of two
+3- to 5-digit numbers, which a small model cannot work out: the replies call the calculator
+(<|python_start|>a*b<|python_end|><|output_start|>a*b's value<|output_end|>Answer: the value).
+
+--mix takes a comma-separated list of sources, each NAME[:FILE][*EPOCHS]: NAME is one of
+sources.py's hub datasets (smoltalk, gsm8k, arc_easy, arc_challenge, mmlu), 'jsonl' (FILE
+required) or a built-in task (arith, products); FILE reads a local file in the hub's schema
+instead of downloading; EPOCHS (default 1, may be a fraction) is how many times its train
+conversations appear. A hub dataset's val comes from its own held-out split (at most n_val
+conversations), a FILE's from its last val_fraction, a task's are its n_val held-out questions.
 """
 import json
 import os
 import random
+import re
 import sys
 
 import numpy as np
 
 # -----------------------------------------------------------------------------
 input = ''  # a .jsonl file of conversations
-task = ''  # 'arith': generate the built-in task instead of reading --input
+task = ''  # 'arith' or 'products': generate a built-in task instead of reading --input
+mix = ''  # instead: sources mixed by epochs, e.g. 'smoltalk,gsm8k*2,mmlu:mmlu.parquet*0.5' (see above)
 n_train = 40000  # task conversations to train on
-n_val = 500  # held-out task conversations
+n_val = 500  # held-out task conversations (at most this many from a hub dataset's held-out split)
 tokenizer = 'bpe'  # 'bpe' (trained on the conversations) or 'gpt2' (GPT-2's, special tokens appended)
 tokenizer_from = ''  # a dataset folder (data/<name>) whose meta.pkl tokenizer to use instead
-vocab_size = 512  # with tokenizer='bpe': 256 bytes + merges + 5 special tokens
-val_fraction = 0.1  # with --input: the last 10% of the conversations are the validation set
+vocab_size = 512  # with tokenizer='bpe': 256 bytes + merges + 9 special tokens
+val_fraction = 0.1  # with --input (or a --mix FILE): the last 10% of the conversations are the validation set
 dataset = 'chat'  # outputs go to data/<dataset>/
 out_dir = ''  # write here instead of data/<dataset>/
 seed = 1337
 # -----------------------------------------------------------------------------
 repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, repo_root)  # for configurator and tokenizer
+from calculator import calculate
 from configurator import configure, fail
+from data.chat import sources
 from data.prepare_common import print_compression, write_outputs
-from tokenizer import chat_tokens, gpt2_chat_meta, read_conversations, read_meta, tokenizer_from_meta, train_bpe
+from tokenizer import (chat_tokens, content_text, gpt2_chat_meta, read_conversations, read_meta, tokenizer_from_meta,
+                       train_bpe)
 configure(globals())
 
 # --- the built-in task ---------------------------------------------------------
@@ -105,27 +120,82 @@ def task_question(rng):
     return ('sub', a, b), rng.choice(SUB).format(a=a, b=b), sub_reply(a, b)
 
 
-def make_task():
+MUL = ["What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.", "{a} x {b} = ?",
+       "What's the product of {a} and {b}?"]
+
+
+def product_question(rng):
+    """The hard variant: a product of two 3- to 5-digit numbers, worked out by the calculator."""
+    a, b = (rng.randint(10 ** (n - 1), 10 ** n - 1) for n in (rng.randint(3, 5), rng.randint(3, 5)))
+    result = calculate(f"{a}*{b}")  # what the calculator will answer when the model runs
+    reply = [{'type': 'python', 'text': f"{a}*{b}"}, {'type': 'python_output', 'text': result},
+             {'type': 'text', 'text': f"Answer: {result}"}]
+    return ('mul', a, b), rng.choice(MUL).format(a=a, b=b), reply
+
+
+TASKS = {'arith': task_question, 'products': product_question}
+
+
+def make_task(name, n_train):
+    question = TASKS[name]
     rng = random.Random(seed)
     val, held_out = [], set()
     while len(val) < n_val:
-        key, q, r = task_question(rng)
+        key, q, r = question(rng)
         if key not in held_out:
             held_out.add(key)
             val.append([('user', q), ('assistant', r)])
     train = []
     while len(train) < n_train:
-        key, q, r = task_question(rng)
+        key, q, r = question(rng)
         if key not in held_out:
             train.append([('user', q), ('assistant', r)])
     return train, val
 
 
+def split_off_val(conversations, name):
+    """A file's conversations: the last val_fraction of them (at least one) are its val."""
+    if len(conversations) < 2:
+        fail(f"{name} has {len(conversations)} conversation(s): at least 2 are needed (train and val)")
+    n = max(1, int(len(conversations) * val_fraction))
+    return conversations[:-n], conversations[-n:]
+
+
+def read_mix(spec):
+    """(train, val) of --mix: each source's train conversations EPOCHS times (a fraction: its first part), one after
+    another (train.py samples windows at random), and each source's val."""
+    train, val = [], []
+    for entry in spec.split(','):
+        m = re.fullmatch(r'\s*([a-z0-9_]+)(?::(.+?))?(?:\*([0-9]+(?:\.[0-9]*)?|\.[0-9]+))?\s*', entry)
+        if not m or m[1] not in ('jsonl', *TASKS, *sources.HUB) or (m[1] == 'jsonl') > bool(m[2]) or (m[1] in TASKS and m[2]):
+            fail(f"--mix entry '{entry}' is not NAME[:FILE][*EPOCHS] with NAME one of jsonl (with a FILE), "
+                 f"{', '.join(TASKS)} (without one), {', '.join(sources.HUB)}")
+        name, path, epochs = m[1], m[2], float(m[3] or 1)
+        try:
+            if name in TASKS:
+                part_train, part_val = make_task(name, max(1, round(n_train * epochs)))
+                epochs = 1  # the task makes as many as asked
+            elif name == 'jsonl':
+                part_train, part_val = split_off_val(read_conversations(path), path)
+            elif path:
+                part_train, part_val = split_off_val(sources.conversations(name, path), path)
+            else:
+                part_train = sources.conversations(name, split=sources.HUB[name][2])
+                part_val = sources.conversations(name, split=sources.HUB[name][3], limit=n_val)
+        except ValueError as e:
+            fail(str(e))
+        whole, fraction = divmod(epochs, 1)
+        train += part_train * int(whole) + part_train[:round(len(part_train) * fraction)]
+        val += part_val
+        print(f"{name}{':' + path if path else ''}: {len(part_train):,} train conversations x {epochs:g}, {len(part_val):,} val")
+    return train, val
+
+
 # check the settings before touching any file
-if bool(input) == bool(task):
-    fail("give either --input=<conversations.jsonl> or --task=arith")
-if task and task != 'arith':
-    fail(f"unknown task '{task}' (the built-in one is 'arith')")
+if sum(map(bool, (input, task, mix))) != 1:
+    fail("give one of --input=<conversations.jsonl>, --task=arith|products or --mix=<sources>")
+if task and task not in TASKS:
+    fail(f"unknown task '{task}' (the built-in ones are {', '.join(TASKS)})")
 if tokenizer not in ('bpe', 'gpt2'):
     fail(f"unknown tokenizer '{tokenizer}' (use 'bpe' or 'gpt2', or --tokenizer_from=data/<name>)")
 if not 0 < val_fraction < 1:
@@ -134,20 +204,21 @@ if n_train < 1 or n_val < 1:
     fail("n_train and n_val must be at least 1")
 out_dir = out_dir or os.path.join(repo_root, 'data', dataset)
 
-if task:
-    train, val = make_task()
+if mix:
+    train, val = read_mix(mix)
+elif task:
+    train, val = make_task(task, n_train)
 else:
     try:
         conversations = read_conversations(input)
     except ValueError as e:
         fail(str(e))
-    n_val_input = max(1, int(len(conversations) * val_fraction))
-    if len(conversations) < 2:
-        fail(f"{input} has {len(conversations)} conversation(s): at least 2 are needed (train and val)")
-    train, val = conversations[:-n_val_input], conversations[-n_val_input:]
+    train, val = split_off_val(conversations, input)
+if not train:
+    fail("no train conversations: give more, or a larger EPOCHS")
 print(f"{len(train):,} train and {len(val):,} val conversations")
-train_text = [content for conversation in train for _, content in conversation]
-val_text = '\n'.join(content for conversation in val for _, content in conversation)
+train_text = [content_text(content) for conversation in train for _, content in conversation]
+val_text = '\n'.join(content_text(content) for conversation in val for _, content in conversation)
 
 # the tokenizer
 try:
@@ -171,7 +242,10 @@ print_compression(enc, val_text)
 def render(conversations):
     ids, mask = [], []
     for conversation in conversations:
-        i, m = chat_tokens(enc, conversation)
+        try:
+            i, m = chat_tokens(enc, conversation)
+        except ValueError as e:  # calculator calls and a tokenizer without their tokens
+            fail(str(e))
         ids += i
         mask += m
     return np.array(ids, dtype=np.dtype(meta['dtype'])), np.array(mask, dtype=np.uint8)
