@@ -1,5 +1,5 @@
 # The quick start. Each recipe line is a plain command you can also type yourself.
-.PHONY: install install-test demo chat-demo test
+.PHONY: install install-test demo chat-demo tool-demo rl-demo test
 
 install:
 	pip install -r requirements.txt
@@ -22,6 +22,23 @@ chat-demo: install
 	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-chat --device=cpu --input=data/chat/val.jsonl
 	@echo "chat with it:  python sample.py --out_dir=out-chat --device=cpu --chat=True --temperature=0"
 	@echo "or serve it:   python serve.py --out_dir=out-chat --device=cpu   (the page's Chat tab, or POST /v1/chat/completions)"
+
+# the built-in task's hard variant (products of 3- to 5-digit numbers), whose replies call the calculator: a chat
+# model trained on it, scored on held-out questions with its calculator and without (chat_eval.py --tools=False)
+tool-demo: install
+	python data/chat/prepare.py --task=products --vocab_size=320
+	OMP_NUM_THREADS=1 python train.py config/train_tool_demo.py
+	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-tool --device=cpu --input=data/chat/val.jsonl > out-tool/eval-tools.txt && cat out-tool/eval-tools.txt
+	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-tool --device=cpu --input=data/chat/val.jsonl --tools=False > out-tool/eval-no-tools.txt && cat out-tool/eval-no-tools.txt
+	@echo "held-out: with calculator $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-tool/eval-tools.txt), without $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-tool/eval-no-tools.txt)"
+
+# reinforcement learning from tool-demo's model (out-tool/) on the same task's train questions, rewarded for the
+# right answer; scored on the same held-out questions before and after
+rl-demo: install
+	OMP_NUM_THREADS=1 python rl.py config/rl_demo.py
+	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-tool --device=cpu --input=data/chat/val.jsonl > out-rl/eval-sft.txt && cat out-rl/eval-sft.txt
+	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-rl --device=cpu --input=data/chat/val.jsonl > out-rl/eval-rl.txt && cat out-rl/eval-rl.txt
+	@echo "held-out: SFT $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-rl/eval-sft.txt), after RL $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-rl/eval-rl.txt)"
 
 test: install-test
 	python -m pytest tests -q

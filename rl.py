@@ -129,6 +129,8 @@ except (FileNotFoundError, ValueError, OSError) as e:
 held_out = questions['val'][:eval_questions or None]
 if not questions['train'] or not held_out:
     fail(f"data/{dataset}/train.jsonl and val.jsonl must each hold at least one conversation")
+if init_from == 'resume' and 'samples_per_question' not in checkpoint.get('config', {}):
+    fail(f"{ckpt_path} was not written by rl.py: start from it with --init_from={out_dir} and another out_dir")
 if init_from == 'resume' and checkpoint.get('config', {}).get('optimizer', 'adamw') != optimizer:
     fail(f"{ckpt_path} was trained with optimizer='{checkpoint['config']['optimizer']}', not '{optimizer}'")
 iter_num = saved_iter = checkpoint['iter_num'] if init_from == 'resume' else 0
@@ -236,7 +238,11 @@ def train_step(step):
         # DDP averages the processes' gradients: times world, the step's gradient is the sum over all tokens / n_tokens
         loss = -(logprobs.view_as(y) * advantage[:, None]).sum() * world / n_tokens
         loss.backward()
-        loss_sum += loss.item() / world
+        loss_sum += loss.item() / world  # this process's part of the step's loss
+    if ddp:  # for the log: the whole step's loss
+        loss_sum = torch.tensor(loss_sum, device=device)
+        all_reduce(loss_sum)
+        loss_sum = loss_sum.item()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     opt.step()
