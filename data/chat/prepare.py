@@ -19,7 +19,8 @@ in a made-up word, each in several phrasings; the replies work it out digit by d
 letter) before the answer, which a small model learns far faster than the bare answer. The
 held-out questions (val) never occur in train. Its hard variant 'products' asks products of two
 3- to 5-digit numbers, which a small model cannot work out: the replies call the calculator
-(<|python_start|>a*b<|python_end|><|output_start|>a*b's value<|output_end|>Answer: the value).
+(<|python_start|>a*b<|python_end|><|output_start|>a*b's value<|output_end|>Answer: the value),
+except, in train, some of those phrased 'a x b = ?' (products_direct); every val reply calls it.
 
 --mix takes a comma-separated list of sources, each NAME[:FILE][*EPOCHS]: NAME is one of
 sources.py's hub datasets (smoltalk, gsm8k, arc_easy, arc_challenge, mmlu), 'jsonl' (FILE
@@ -42,6 +43,10 @@ task = ''  # 'arith' or 'products': generate a built-in task instead of reading 
 mix = ''  # instead: sources mixed by epochs, e.g. 'smoltalk,gsm8k*2,mmlu:mmlu.parquet*0.5' (see above)
 n_train = 40000  # task conversations to train on
 n_val = 500  # held-out task conversations (at most this many from a hub dataset's held-out split)
+# products: how often a train question phrased 'a x b = ?' (one in 14) is answered without the calculator, as a
+# person might write it: a model fine-tuned on that answers such questions without it, and wrong, which leaves
+# reinforcement learning something to find (rl.py, make rl-demo); 0: every reply calls the calculator
+products_direct = 0.6
 tokenizer = 'bpe'  # 'bpe' (trained on the conversations) or 'gpt2' (GPT-2's, special tokens appended)
 tokenizer_from = ''  # a dataset folder (data/<name>) whose meta.pkl tokenizer to use instead
 vocab_size = 512  # with tokenizer='bpe': 256 bytes + merges + 9 special tokens
@@ -106,7 +111,7 @@ def make_word(rng):
     return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(3, 6)))
 
 
-def task_question(rng):
+def task_question(rng, train=False):
     """(key, question, reply): key identifies the question whatever its phrasing."""
     kind = rng.choices(range(3), weights=[3, 3, 4])[0]  # counting is the slowest to learn
     if kind == 2:
@@ -120,17 +125,21 @@ def task_question(rng):
     return ('sub', a, b), rng.choice(SUB).format(a=a, b=b), sub_reply(a, b)
 
 
-MUL = ["What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.", "{a} x {b} = ?",
-       "What's the product of {a} and {b}?"]
+MUL = ["What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.", "What's the product of {a} and {b}?",
+       "{a} x {b} = ?"]  # the last one in about 14 questions (see products_direct)
 
 
-def product_question(rng):
-    """The hard variant: a product of two 3- to 5-digit numbers, worked out by the calculator."""
+def product_question(rng, train=False):
+    """The hard variant: a product of two 3- to 5-digit numbers, worked out by the calculator; in train, a
+    question phrased 'a x b = ?' is answered without it products_direct of the time."""
     a, b = (rng.randint(10 ** (n - 1), 10 ** n - 1) for n in (rng.randint(3, 5), rng.randint(3, 5)))
     result = calculate(f"{a}*{b}")  # what the calculator will answer when the model runs
     reply = [{'type': 'python', 'text': f"{a}*{b}"}, {'type': 'python_output', 'text': result},
              {'type': 'text', 'text': f"Answer: {result}"}]
-    return ('mul', a, b), rng.choice(MUL).format(a=a, b=b), reply
+    phrasing = rng.choices(MUL, weights=[1, 1, 1, 1, 0.3])[0]
+    if train and phrasing == MUL[-1] and rng.random() < products_direct:
+        reply = f"Answer: {result}"
+    return ('mul', a, b), phrasing.format(a=a, b=b), reply
 
 
 TASKS = {'arith': task_question, 'products': product_question}
@@ -147,7 +156,7 @@ def make_task(name, n_train):
             val.append([('user', q), ('assistant', r)])
     train = []
     while len(train) < n_train:
-        key, q, r = question(rng)
+        key, q, r = question(rng, train=True)
         if key not in held_out:
             train.append([('user', q), ('assistant', r)])
     return train, val
@@ -200,6 +209,8 @@ if tokenizer not in ('bpe', 'gpt2'):
     fail(f"unknown tokenizer '{tokenizer}' (use 'bpe' or 'gpt2', or --tokenizer_from=data/<name>)")
 if not 0 < val_fraction < 1:
     fail(f"val_fraction must be between 0 and 1, got {val_fraction}")
+if not 0 <= products_direct <= 1:
+    fail(f"products_direct must be between 0 and 1, not {products_direct}")
 if n_train < 1 or n_val < 1:
     fail("n_train and n_val must be at least 1")
 out_dir = out_dir or os.path.join(repo_root, 'data', dataset)
