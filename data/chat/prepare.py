@@ -43,7 +43,7 @@ task = ''  # 'arith' or 'products': generate a built-in task instead of reading 
 mix = ''  # instead: sources mixed by epochs, e.g. 'smoltalk,gsm8k*2,mmlu:mmlu.parquet*0.5' (see above)
 n_train = 40000  # task conversations to train on
 n_val = 500  # held-out task conversations (at most this many from a hub dataset's held-out split)
-# products: how often a train question phrased 'a x b = ?' (one in 14) is answered without the calculator, as a
+# products: how often a train question phrased 'a x b = ?' (one in 21) is answered without the calculator, as a
 # person might write it: a model fine-tuned on that answers such questions without it, and wrong, which leaves
 # reinforcement learning something to find (rl.py, make rl-demo); 0: every reply calls the calculator
 products_direct = 0.6
@@ -126,7 +126,7 @@ def task_question(rng, train=False):
 
 
 MUL = ["What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.", "What's the product of {a} and {b}?",
-       "{a} x {b} = ?"]  # the last one in about 14 questions (see products_direct)
+       "{a} x {b} = ?"]  # the last one in about 21 questions (see products_direct)
 
 
 def product_question(rng, train=False):
@@ -136,7 +136,7 @@ def product_question(rng, train=False):
     result = calculate(f"{a}*{b}")  # what the calculator will answer when the model runs
     reply = [{'type': 'python', 'text': f"{a}*{b}"}, {'type': 'python_output', 'text': result},
              {'type': 'text', 'text': f"Answer: {result}"}]
-    phrasing = rng.choices(MUL, weights=[1, 1, 1, 1, 0.3])[0]
+    phrasing = rng.choices(MUL, weights=[1, 1, 1, 1, 0.2])[0]
     if train and phrasing == MUL[-1] and rng.random() < products_direct:
         reply = f"Answer: {result}"
     return ('mul', a, b), phrasing.format(a=a, b=b), reply
