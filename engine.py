@@ -48,9 +48,9 @@ class Row:
                  logprobs=None):
         positive = ('top_p', 'repetition_penalty')  # these may not be 0 itself
         for name, value, kind, lo, hi in [  # a bool is no number here; an int is a float
-                ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, None),
-                ('top_k', top_k, int, 0, None), ('top_p', top_p, float, 0, 1),
-                ('repetition_penalty', repetition_penalty, float, 0, None), ('seed', seed, int, 0, None),
+                ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, 1e6),
+                ('top_k', top_k, int, 0, 2 ** 31 - 1), ('top_p', top_p, float, 0, 1),
+                ('repetition_penalty', repetition_penalty, float, 0, 1e6), ('seed', seed, int, 0, 2 ** 64 - 1),
                 ('presence_penalty', presence_penalty, float, -2, 2), ('frequency_penalty', frequency_penalty, float, -2, 2),
                 ('logprobs', logprobs, int, 0, 20)]:
             if value is None and name in ('seed', 'logprobs'):
@@ -70,7 +70,7 @@ class Row:
         self.penalties = (repetition_penalty, presence_penalty, frequency_penalty)
         self.uses_penalties = self.penalties != (1.0, 0.0, 0.0)
         self.logit_bias, self.stop_tokens, self.logprobs = dict(logit_bias or {}), set(stop_tokens), logprobs
-        self.rng = random.Random(seed) if seed is not None else None
+        self.seed, self.rng = seed, random.Random(seed) if seed is not None else None
         self.tokens = []  # generated so far
         self.token_logprobs = []  # with logprobs: (logprob of the token, [(id, logprob) of the top alternatives])
         self.next_token = None  # the token the next step feeds (the prompt's last, then each new one)
@@ -124,8 +124,8 @@ class Engine:
             if bad:
                 raise SettingError('prompt' if bad[0] in row.prompt else 'logit_bias',
                                    f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
-            if row.max_tokens > self.max_new_tokens:
-                raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; the limit is {self.max_new_tokens}")
+            if not 1 <= row.max_tokens <= self.max_new_tokens:  # a row always generates its first token
+                raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; it must be 1 to {self.max_new_tokens}")
             if self.window < self.model.config.block_size and len(row.prompt) > self.window:
                 raise SettingError('prompt', f"the prompt has {len(row.prompt)} tokens; this engine takes {self.window}")
         groups = {}  # each distinct (cropped) prompt and its rows, in order

@@ -24,6 +24,7 @@ tokenizer's ids against ours. A float32 transformers export that disagrees is no
 import json
 import os
 import pickle
+import re
 import shutil
 
 import torch
@@ -38,7 +39,7 @@ out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
 format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
 to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
 dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only) | 'q8_0' (gguf only)
-overwrite = False  # replace an existing --to
+overwrite = False  # replace an existing --to, when it is a previous export (never the run itself or other files)
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
 # -----------------------------------------------------------------------------
 
@@ -423,6 +424,31 @@ def compare(what, model, v, runner, tokenizer=None):
 
 # ---------------------------------------------------------------------------------------------
 
+def check_target(dest):
+    """Refuse a --to that is the model's own out_dir or a folder around it, and with --overwrite anything but
+    a previous export (a transformers directory of its files only, or a GGUF file): nothing else is ever replaced."""
+    source, target = os.path.realpath(out_dir), os.path.realpath(dest)
+    if os.path.commonpath([source, target]) == target:
+        fail(f"--to={dest} holds the model being exported ({out_dir}): choose another --to")
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    if format == 'hf':
+        names = os.listdir(dest) if os.path.isdir(dest) and not os.path.islink(dest) else None
+        previous = names is not None and 'config.json' in names and all(
+            re.fullmatch(r'[\w.-]+\.(json|safetensors|txt|pkl|jinja|model)', n) and os.path.isfile(os.path.join(dest, n))
+            for n in names)
+    else:
+        previous = False
+        if os.path.isfile(dest) and not os.path.islink(dest):
+            with open(dest, 'rb') as f:
+                previous = f.read(4) == b'GGUF'
+    if not previous:
+        fail(f"{dest} is not a previous {'transformers' if format == 'hf' else 'GGUF'} export: --overwrite replaces only "
+             f"those; remove it yourself or choose another --to")
+
+
 def main():
     if format not in ('hf', 'gguf'):
         fail(f"format must be 'hf' or 'gguf', not '{format}'")
@@ -446,8 +472,7 @@ def main():
         fail(f"the tokenizer ({v['kind']}, {v['n']} ids) does not fit the model's vocabulary of "
              f"{model.config.vocab_size}: is meta.pkl missing from the out_dir, or from another dataset?")
     dest = to or os.path.normpath(out_dir) + ('-hf' if format == 'hf' else '.gguf')
-    if os.path.exists(dest) and not overwrite:
-        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    check_target(dest)
 
     # everything goes into a temporary path beside dest, renamed into place once written and checked
     tmp = f"{dest}.tmp-{os.getpid()}"
@@ -478,7 +503,7 @@ def main():
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         else:
             os.replace(tmp, dest)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     finally:
         if os.path.isdir(tmp):

@@ -181,13 +181,15 @@ def main():
                 prompt = f.read()
         except OSError as e:
             fail(f"cannot read prompt file: {e}")
-    if num_samples < 1:
-        fail(f"num_samples must be >= 1, not {num_samples}")
+        except UnicodeDecodeError as e:
+            fail(f"the prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
+    if num_samples < 1 or max_new_tokens < 1:
+        fail(f"num_samples and max_new_tokens must be >= 1, not {num_samples} and {max_new_tokens}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    stop=stop)
     try:  # the settings and the prompt, checked before any work
         Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty)
+            repetition_penalty=repetition_penalty, seed=seed)
     except ValueError as e:
         fail(str(e))
 

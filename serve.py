@@ -33,9 +33,9 @@ import torch
 
 from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError
-from model import auto_dtype
+from model import GPTConfig, auto_dtype, training_memory
 from sample import TextStream, decode_step, load_model, stop_tokens_of
-from tokenizer import CHAT_ROLES, render_chat
+from tokenizer import CHAT_ROLES, read_meta, render_chat
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
@@ -51,7 +51,7 @@ max_waiting = 256  # prompts queued for a free row; past that, new requests get 
 max_body_bytes = 1_000_000  # larger request bodies get 413
 request_timeout = 30  # seconds a client has to send a whole request
 api_key = ''  # when set, /v1 and /api routes need "Authorization: Bearer <api_key>"
-train_root = ''  # runs started from the page write their out_dir under here ('' = this project's folder)
+train_root = ''  # the page's training runs write under here, and /api/model/load reads from here or out_dir ('' = this project's folder)
 seed = 1337  # the random stream of requests that bring no seed of their own
 threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default, which leaves the HTTP threads a core
 # -----------------------------------------------------------------------------
@@ -60,6 +60,7 @@ if __name__ == '__main__':
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # templates/, config/, data/ and train.py live here
 MAX_STOP = 4  # stop strings a request may give, as OpenAI's API
+DRAIN_BYTES = 64 << 20  # of a body over max_body_bytes, read this much before the 413 (within request_timeout)
 
 
 class APIError(Exception):
@@ -81,6 +82,10 @@ def require(ok, message, param=None, status=400, code=None):
 
 def server_error(message, code=None, status=500):
     return APIError(message, status=status, kind='server_error', code=code)
+
+
+WORKER_STOPPED = server_error("the model worker has stopped after an internal error (see the server's log); "
+                              "restart the server", 'worker_stopped', 503)
 
 
 class Loaded:
@@ -116,6 +121,7 @@ class Request:
         self.loaded, self.rows, self.stop, self.echo = loaded, rows, stop, echo
         self.events = queue.Queue()
         self.cancelled = False  # set by the HTTP thread when its client has gone
+        self.failed = False  # it got its error: its prompts still waiting are dropped
 
 
 class Worker:
@@ -125,20 +131,23 @@ class Worker:
         self.cond = threading.Condition()  # guards waiting, pending_load and closing
         self.waiting = deque()  # (request, prompt index)
         self.pending_load, self.closing = None, False
-        self.stats = dict(peak_active_rows=0, steps=0, generated_tokens=0, completed=0, cancelled=0, failed=0)
+        self.stats = dict(peak_active_rows=0, steps=0, generated_tokens=0, completed=0, cancelled=0, failed=0,
+                          restarts=0)
         self.use(loaded)
         self.thread = threading.Thread(target=self.run, name='model-worker')
         self.thread.start()
 
     def use(self, loaded):
-        self.loaded = loaded
-        self.engine = Engine(loaded.model, max_batch_size, max_tokens_limit, loaded.tokenizer.n_vocab, seed)
+        engine = Engine(loaded.model, max_batch_size, max_tokens_limit, loaded.tokenizer.n_vocab, seed)
+        self.loaded, self.engine = loaded, engine
 
     def submit(self, request=None, load=None):
         """Queue a request (from an HTTP thread), or with load=(Loaded, Event) switch models."""
         with self.cond:
             if self.closing:
                 raise server_error("the server is shutting down", 'shutting_down', 503)
+            if not self.alive():
+                raise WORKER_STOPPED
             if load:
                 self.pending_load = load
             elif len(self.waiting) + len(request.rows) > max_waiting:
@@ -163,6 +172,9 @@ class Worker:
         self.fail_all(server_error("the server is shutting down", 'shutting_down', 503))
 
     def run(self):
+        """Admit and step until closed. A fault outside any one request (a bug) fails the requests
+        the worker held and it goes on with a fresh engine; should even that fail, the thread ends,
+        and /health and every waiting request say so (see alive)."""
         while True:
             with self.cond:
                 while not (self.engine.rows or self.waiting or self.pending_load or self.closing):
@@ -172,19 +184,28 @@ class Worker:
                 load, self.pending_load = self.pending_load, None
             try:
                 if load:
-                    self.fail_all(server_error("the model was replaced while this request ran", 'model_replaced', 503))
-                    self.use(load[0])
-                    load[1].set()
+                    try:
+                        self.fail_all(server_error("the model was replaced while this request ran", 'model_replaced',
+                                                   503))
+                        self.use(load[0])
+                    finally:
+                        load[1].set()  # its HTTP thread checks whether the switch happened
                 self.admit()
                 self.step()
-            except Exception:  # a bug outside any one request: fail what runs, start clean, keep serving
+            except Exception:
                 traceback.print_exc()
-                self.fail_all(server_error("internal error while generating"))
-                self.use(self.loaded)
+                self.stats['restarts'] += 1
+                held = self.engine.rows
+                self.use(self.loaded)  # the old engine may be in any state: none of its rows is touched again
+                self.fail_all(server_error("internal error while generating"), held)
 
-    def fail_all(self, error):
+    def alive(self):
+        return self.thread.is_alive() or self.closing
+
+    def fail_all(self, error, rows=None):
+        """Fail every waiting request and those of `rows` (default: the engine's)."""
         with self.cond:
-            requests = {r for r, _ in self.waiting} | {row.request for row in self.engine.rows}
+            requests = {r for r, _ in self.waiting} | {row.request for row in (self.engine.rows if rows is None else rows)}
             self.waiting.clear()
         for request in requests:
             self.fail(request, error)
@@ -193,23 +214,27 @@ class Worker:
         """End one request with an error; its other rows leave the engine too."""
         for row in [row for row in self.engine.rows if row.request is request]:
             self.engine.finish(row, 'error')
-        self.stats['failed'] += 1
-        request.events.put(('error', error))
+        if not request.failed:
+            request.failed = True
+            self.stats['failed'] += 1
+            request.events.put(('error', error))
 
     def admit(self):
         """Prefill waiting prompts while there are free rows; first come, first served."""
         while True:
             with self.cond:
-                while self.waiting and self.waiting[0][0].cancelled:
-                    self.stats['cancelled'] += len(self.waiting.popleft()[0].rows[0])
+                while self.waiting and (self.waiting[0][0].cancelled or self.waiting[0][0].failed):
+                    dropped = self.waiting.popleft()[0]
+                    self.stats['cancelled'] += len(dropped.rows[0]) if not dropped.failed else 0
                 if not self.waiting or len(self.waiting[0][0].rows[0]) > max_batch_size - len(self.engine.rows):
                     return
                 request, i = self.waiting.popleft()
             rows = request.rows[i]
             for j, row in enumerate(rows):
                 row.request, row.choice = request, i * len(rows) + j
-                row.text = TextStream(self.loaded.tokenizer, request.stop, row.stop_tokens)
-            try:
+            try:  # whatever goes wrong here ends this request, never the worker
+                for row in rows:
+                    row.text = TextStream(self.loaded.tokenizer, request.stop, row.stop_tokens)
                 if request.loaded is not self.loaded:  # tokenized for a model that is gone
                     raise server_error("the model was replaced; send the request again", 'model_replaced', 503)
                 if request.echo:  # the prompt comes first, its tokens scored when logprobs were asked for
@@ -261,6 +286,11 @@ class Worker:
 # -----------------------------------------------------------------------------
 # Training runs started from the page: train.py as a subprocess, one at a time
 
+def is_under(path, root):
+    """Whether `path` (relative to the working directory) is `root` or inside it, links resolved."""
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
 def check_override(arg, settings):
     """--key=value for a known setting, of the setting's type; and a run from the page stays in the project:
     its out_dir under train_root, its dataset a folder of data/, no weights from a path."""
@@ -271,12 +301,65 @@ def check_override(arg, settings):
     except ValueError as e:
         raise APIError(str(e), 'overrides')
     root = os.path.realpath(train_root or HERE)
-    require(key != 'out_dir' or os.path.commonpath([root, os.path.realpath(os.path.join(HERE, value))]) == root,
-            f"out_dir must be a folder under {root}", 'overrides')
+    require(key != 'out_dir' or is_under(os.path.join(root, value), root), f"out_dir must be a folder under {root}",
+            'overrides')
     require(key != 'dataset' or re.fullmatch(r'\w[\w.-]*', value) and os.path.isdir(os.path.join(HERE, 'data', value)),
             f"dataset must be the name of a folder in data/, not {value!r}", 'overrides')
     require(key != 'init_from' or re.fullmatch(r'scratch|resume|gpt2(-medium|-large|-xl)?', value),
             "init_from must be 'scratch', 'resume' or a GPT-2 name", 'overrides')
+
+
+def resolved_settings(argv):
+    """train.py's settings once a config file and overrides apply, as train.py will see them. A config file
+    is Python that may exec another by a path relative to the project: worked out in a child process there."""
+    code = ("import json, sys; from configurator import configure, settings_in; s = settings_in('train.py'); "
+            "configure(s, sys.argv[1:]); print(); print(json.dumps(s))")
+    try:
+        child = subprocess.run([sys.executable, '-c', code, *argv], cwd=HERE, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise APIError("the config file did not finish within 60 seconds", 'config')
+    require(child.returncode == 0, f"the config does not apply: {(child.stderr.strip().splitlines() or ['?'])[-1]}",
+            'config')
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+               'gpt2-xl': (48, 25, 1600)}  # (n_layer, n_head, n_embd) of OpenAI's checkpoints
+
+
+def check_training_memory(values):
+    """A 400 with the estimate when the run's model could not train in the memory this machine has free."""
+    arch = {k: values[k] for k in GPTConfig.__dataclass_fields__ if k in values}
+    meta_path = os.path.join(HERE, 'data', values['dataset'], 'meta.pkl')
+    try:
+        meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+    except ValueError as e:
+        raise APIError(str(e), 'overrides')
+    arch['vocab_size'] = meta['vocab_size'] if 'vocab_size' in meta and meta.get('tokenizer') != 'gpt2' else 50304
+    if values['init_from'] in GPT2_SHAPES:
+        arch.update(zip(('n_layer', 'n_head', 'n_embd'), GPT2_SHAPES[values['init_from']]), bias=True, n_kv_head=0,
+                    block_size=min(values['block_size'], 1024))
+    try:
+        need = training_memory(GPTConfig(**arch), values['batch_size'])
+    except (AssertionError, TypeError, ValueError) as e:
+        raise APIError(f"invalid model settings: {e}", 'overrides')
+    device = values['device']
+    if device.startswith('cuda') and torch.cuda.is_available():
+        free, where = torch.cuda.mem_get_info(torch.device(device))[0], 'on the GPU'
+    else:
+        free, where = available_memory(), 'in RAM'
+    require(need <= free, f"this run would need about {need / 1e9:.1f} GB to train (weights, gradients, AdamW's state and "
+            f"the activations of batch_size={values['batch_size']}); {free / 1e9:.1f} GB is free {where}: choose a "
+            f"smaller model or batch", 'overrides', code='too_large')
+
+
+def available_memory():
+    """Bytes of memory free for a new process (Linux's MemAvailable; elsewhere all of it)."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
 class TrainRun:
@@ -298,12 +381,20 @@ class TrainRun:
         settings = settings_in(os.path.join(HERE, 'train.py'))
         for arg in overrides:
             check_override(arg, settings)
+        argv = [os.path.join('config', config_name), *overrides]
+        values = resolved_settings(argv)
+        # whatever the config file says, the run writes under root: its out_dir is taken from there
+        root = os.path.realpath(train_root or HERE)
+        run_dir = os.path.realpath(os.path.join(root, values['out_dir']))
+        require(is_under(run_dir, root), f"the config's out_dir {values['out_dir']!r} is not under {root}: set --out_dir",
+                'overrides')
+        check_training_memory(values)
         with self.lock:
             require(self.proc is None or self.proc.poll() is not None,
                     "a training run is already running; stop it first", status=409, code='busy')
             self.remove_log()
             # an argument list, never a shell: the overrides reach train.py exactly as written
-            self.command = [sys.executable, 'train.py', os.path.join('config', config_name), *overrides]
+            self.command = [sys.executable, 'train.py', *argv, f'--out_dir={run_dir}']
             with tempfile.NamedTemporaryFile('wb', prefix='nanogpt-train-', suffix='.log', delete=False) as log:
                 log.write(('$ python ' + ' '.join(self.command[1:]) + '\n').encode())
                 log.flush()
@@ -423,7 +514,9 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False)
     are ignored, as OpenAI's server ignores them. logprobs: completions take 0..5 alternatives, chat takes
     logprobs=true and top_logprobs 0..20."""
     row = {k: body[k] for k in ROW_SETTINGS if body.get(k) is not None}
-    row.setdefault('max_tokens', body.get('max_completion_tokens') or min(default_max_tokens, max_tokens_limit))
+    if body.get('max_completion_tokens') is not None:  # the chat API's newer name; 0 is an error, not the default
+        row.setdefault('max_tokens', body['max_completion_tokens'])
+    row.setdefault('max_tokens', min(default_max_tokens, max_tokens_limit))
     if chat:
         row['logprobs'] = body.get('top_logprobs') or 0 if flag(body, 'logprobs') else None
     else:
@@ -434,7 +527,8 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False)
     require(isinstance(bias, dict) and all(re.fullmatch(r'\d{1,9}', k) and int(k) < tokenizer.n_vocab for k in bias),
             f"'logit_bias' must map token ids (0..{tokenizer.n_vocab - 1}, as strings) to numbers", 'logit_bias')
     row['logit_bias'] = {int(k): v for k, v in bias.items()}
-    n, stop, options = body.get('n', 1), body.get('stop') or [], body.get('stream_options') or {}
+    n, stop, options = body.get('n', 1), body.get('stop'), body.get('stream_options') or {}
+    stop = [] if stop is None else stop
     require(type(n) is int and 1 <= n <= max_batch_size,
             f"'n' must be an integer between 1 and {max_batch_size}, not {n!r}", 'n')
     stop = [stop] if isinstance(stop, str) else stop
@@ -442,6 +536,8 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False)
             f"'stop' must be a string or a list of at most {MAX_STOP} strings", 'stop')
     require(isinstance(options, dict), "'stream_options' must be an object", 'stream_options')
     seed = row.pop('seed', None)
+    require(seed is None or type(seed) is int and 0 <= seed < 2 ** 63,
+            f"'seed' must be an integer between 0 and {2 ** 63 - 1}, not {seed!r}", 'seed')
     try:
         rows = [[Row(p, **row, seed=seed if seed is None else seed + i * n + j, stop_tokens=stop_tokens_of(tokenizer))
                  for j in range(n)] for i, p in enumerate(prompts)]
@@ -454,8 +550,10 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False)
 
 
 def logprobs_json(tokenizer, entries, chat, offset=0):
-    """OpenAI's logprobs object for [(token, logprob, top)], in the chat or the completions form."""
+    """OpenAI's logprobs object for [(token, logprob, top)], in the chat or the completions form. JSON has
+    no NaN or infinity (a diverged model's logprobs): those are null."""
     text = lambda t: tokenizer.decode([t])  # noqa: E731
+    entries = [(t, finite(lp), top and [(a, finite(b)) for a, b in top]) for t, lp, top in entries]
     if chat:
         entry = lambda t, lp: dict(token=text(t), logprob=lp, bytes=list(tokenizer.token_bytes([t])))  # noqa: E731
         return {'content': [dict(entry(t, lp), top_logprobs=[entry(a, b) for a, b in top]) for t, lp, top in entries]}
@@ -463,6 +561,10 @@ def logprobs_json(tokenizer, entries, chat, offset=0):
     offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]  # text_offset counts from `offset`
     return dict(tokens=tokens, token_logprobs=[lp for _, lp, _ in entries], text_offset=offsets,
                 top_logprobs=[None if top is None else {text(a): b for a, b in top} for _, _, top in entries])
+
+
+def finite(x):
+    return x if x is None or math.isfinite(x) else None
 
 
 # -----------------------------------------------------------------------------
@@ -503,8 +605,7 @@ class Handler(BaseHTTPRequestHandler):
         json_body = lambda: read_json(self.body)  # noqa: E731
         return {
             ('GET', '/'): self.page,
-            ('GET', '/health'): lambda: dict(worker.status(), status='ok', model=worker.loaded.name,
-                                             auth=bool(api_key), max_tokens_limit=max_tokens_limit),
+            ('GET', '/health'): self.health,
             ('GET', '/v1/models'): lambda: {'object': 'list', 'data': [dict(
                 id=worker.loaded.name, object='model', created=worker.loaded.created, owned_by='nanogpt')]},
             ('POST', '/v1/completions'): lambda: self.complete(json_body(), chat=False),
@@ -553,8 +654,14 @@ class Handler(BaseHTTPRequestHandler):
         require('chunked' not in self.headers.get('Transfer-Encoding', '').lower(),
                 "send the body with a Content-Length", status=411, code='length_required')
         require(length.isdigit(), "invalid Content-Length")
-        require(int(length) <= max_body_bytes, f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
-                code='request_too_large')
+        if int(length) > max_body_bytes:
+            # read (and drop) what the client is sending, up to a bound: closing on an unread body resets the
+            # connection, and the client would never see this answer
+            left = min(int(length), DRAIN_BYTES)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            raise APIError(f"the body is {length} bytes; the limit is {max_body_bytes}", status=413,
+                           code='request_too_large')
         body = self.rfile.read(int(length))
         require(len(body) == int(length), f"the body did not arrive within {request_timeout} seconds", status=408,
                 code='timeout')
@@ -578,6 +685,8 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 return request.events.get(timeout=0.25)
             except queue.Empty:
+                if not worker.alive():
+                    return ('error', WORKER_STOPPED)
                 try:  # select first: a recv on this socket would wait for its timeout
                     gone = bool(select.select([self.connection], [], [], 0)[0]) and \
                         self.connection.recv(1, socket.MSG_PEEK) == b''
@@ -587,14 +696,28 @@ class Handler(BaseHTTPRequestHandler):
                     request.cancelled = True
                     return None
 
+    def health(self):
+        info = dict(worker.status(), status='ok', model=worker.loaded.name, auth=bool(api_key),
+                    max_tokens_limit=max_tokens_limit)
+        if not worker.alive():  # a load balancer or a user's check must see it: 503, not a hang
+            self.send_json(503, dict(info, status='error', error=WORKER_STOPPED.message))
+            return None
+        return info
+
     def page(self):
         with open(os.path.join(HERE, 'templates', 'index.html'), 'rb') as f:
             self.send_json(200, f.read(), [('Cache-Control', 'no-store')], 'text/html; charset=utf-8')
 
     def model_load(self, new_out_dir):
-        require(isinstance(new_out_dir, str) and os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')),
-                f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir',
-                *((404, 'not_found') if isinstance(new_out_dir, str) else ()))
+        require(isinstance(new_out_dir, str) and new_out_dir, f"'out_dir' must be a path, not {new_out_dir!r}", 'out_dir')
+        # only the out_dir the server started with and the folder the page's runs write to: never any path
+        # on the machine (whether it exists is not told either)
+        roots = [os.path.realpath(train_root or HERE)] + ([os.path.realpath(out_dir)] if init_from == 'resume' else [])
+        require(any(is_under(new_out_dir, root) for root in roots),
+                f"'out_dir' must be under {' or '.join(roots)} (where this server's models and training runs are)",
+                'out_dir', 403, 'forbidden')
+        require(os.path.isfile(os.path.join(new_out_dir, 'ckpt.pt')),
+                f"'out_dir' must name a directory with a ckpt.pt, not {new_out_dir!r}", 'out_dir', 404, 'not_found')
         with load_lock:  # one load at a time
             try:
                 loaded = Loaded('resume', new_out_dir)
@@ -603,6 +726,8 @@ class Handler(BaseHTTPRequestHandler):
             done = threading.Event()
             worker.submit(load=(loaded, done))
             done.wait()
+        if worker.loaded is not loaded:
+            raise server_error("the model was loaded but the worker could not switch to it (see the server's log)")
         return loaded.describe()
 
     def complete(self, body, chat):
