@@ -205,7 +205,9 @@ def rows_of(name, module, config, which, files):
         fail(f"{files or module.HUB}: a row is not in the {name} schema ({type(e).__name__}: {e})")
 
 
-def examples_and_shots(name, module, config):
+def examples_and_shots(name):
+    """A benchmark's questions (the first `limit`) and the few-shot examples of each."""
+    module, config = CHOICE.get(name) or GENERATE[name]
     examples = rows_of(name, module, config, split or module.SPLIT, data_files)[:limit or None]
     if not examples:
         fail(f"{name}: no questions in {data_files or module.HUB}")
@@ -225,9 +227,7 @@ def examples_and_shots(name, module, config):
         fail(f"{name}: {e}")
 
 
-def run_choice(name):
-    module, config = CHOICE[name]
-    examples, shots = examples_and_shots(name, module, config)
+def run_choice(name, examples, shots):
     chance = float(np.mean([1 / len(ex['choices']) for ex in examples]))
     if mode == 'chat':
         conversations, letters = [], []
@@ -254,9 +254,8 @@ def run_choice(name):
     return dict(acc=float(np.mean(acc)), acc_norm=float(np.mean(acc_norm))), chance, len(examples)
 
 
-def run_generate(name):
-    module, config = GENERATE[name]
-    examples, shots = examples_and_shots(name, module, config)
+def run_generate(name, examples, shots):
+    module = GENERATE[name][0]
     chat = mode == 'chat'
     if chat:
         replies = chat_replies([[t for s in exs for t in (('user', clean(s['question'])), ('assistant', clean(s['shot_answer'])))]
@@ -373,13 +372,15 @@ def main():
                                 ('max_new_tokens', max_new_tokens, 1)):
         if not isinstance(value, int) or value < low:
             fail(f"{setting} must be an integer >= {low}, not {value!r}")
+    questions = {name: examples_and_shots(name) for name in names if name in CHOICE or name in GENERATE}  # before the model
     load()
     results, rows = {}, []
     for name in names:
         t0 = time.time()
-        run = (run_choice if name in CHOICE else run_generate if name in GENERATE else
-               run_jsonl if name == 'jsonl' else run_bpb)
-        metrics, chance, n = run(name) if name in CHOICE or name in GENERATE else run()
+        if name in questions:
+            metrics, chance, n = (run_choice if name in CHOICE else run_generate)(name, *questions[name])
+        else:
+            metrics, chance, n = run_jsonl() if name == 'jsonl' else run_bpb()
         results[name] = dict(metrics, n=n)
         if chance is not None and name != 'jsonl':  # the benchmarks enter the centered mean
             results[name]['centered'] = (metrics['acc'] - chance) / (1 - chance)
