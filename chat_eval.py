@@ -77,21 +77,15 @@ lossy = set()  # texts that lost characters a character-level vocabulary lacks
 def clean(text):
     """The text a character-level tokenizer can encode: characters it has never seen are dropped, as the exported
     tokenizer drops them in transformers, so that lm-eval-harness scores the same text. Others take any text."""
-    if tokenizer.name != 'char':
+    if tokenizer is None or tokenizer.name != 'char':
         return text
     try:
         tokenizer.encode(text)
         return text
     except ValueError:
         lossy.add(text)
-        return ''.join(c for c in text if c in known_chars())
-
-
-def known_chars(cache={}):
-    if tokenizer not in cache:
-        cache.clear()
-        cache[tokenizer] = {tokenizer.decode([i]) for i in range(tokenizer.n_vocab)}
-    return cache[tokenizer]
+        known = {tokenizer.decode([i]) for i in range(tokenizer.n_vocab)}
+        return ''.join(c for c in text if c in known)
 
 
 def encode_pair(context, continuation):
@@ -107,12 +101,11 @@ def loglikelihoods(requests):
     """The log probability of each (context ids, continuation ids)'s continuation."""
     if not url:
         return [sum(lp) for lp in continuation_logprobs(model, requests, tokenizer.n_vocab, batch_size)]
-    # serve.py scores a prompt's own tokens (echo, logprobs, no new token); it sees the last block_size of
-    # them, one context token fewer than in process for a sequence longer than that
-    bodies = [dict(prompt=(c + x)[-(block_size + 1):], max_tokens=0, echo=True, logprobs=0) for c, x in requests]
-    answers = post_all('/v1/completions', bodies)
-    return [sum(a['choices'][0]['logprobs']['token_logprobs'][len(a['choices'][0]['logprobs']['token_logprobs']) - len(x):])
-            if x else 0.0 for a, (_, x) in zip(answers, requests)]
+    # serve.py scores a prompt's own tokens (echo, logprobs, no new token): the last block_size of them, one
+    # context token fewer than in process where a question is longer than that
+    answers = post_all('/v1/completions', [dict(prompt=c + x, max_tokens=0, echo=True, logprobs=0) for c, x in requests])
+    scored = [a['choices'][0]['logprobs']['token_logprobs'] for a in answers]
+    return [sum(lps[len(lps) - len(x):]) if x else 0.0 for lps, (_, x) in zip(scored, requests)]
 
 
 def letter_picks(conversations, letters):
@@ -124,7 +117,7 @@ def letter_picks(conversations, letters):
         scores = iter(loglikelihoods(requests))
         return [int(np.argmax([next(scores) for _ in row])) for row in ids]
     # greedy, one token, with every letter's logit raised by 100: the reply is the letter ranked first
-    bodies = [dict(messages=as_messages(chat), max_tokens=1, temperature=0, logit_bias={str(i): 100 for i in row})
+    bodies = [dict(messages=as_messages(chat), max_tokens=1, logit_bias={str(i): 100 for i in row})
               for chat, row in zip(conversations, ids)]
     replies = [a['choices'][0]['message']['content'] for a in post_all('/v1/chat/completions', bodies)]
     return [row.index(reply) if reply in row else -1 for reply, row in zip(replies, letters)]
@@ -140,7 +133,7 @@ def letter_id(letter):
 def chat_replies(conversations):
     """The model's greedy reply to each conversation ([(role, text)]), batch_size at a time."""
     if url:
-        bodies = [dict(messages=as_messages(chat), temperature=0, max_tokens=max_new_tokens) for chat in conversations]
+        bodies = [dict(messages=as_messages(chat), max_tokens=max_new_tokens) for chat in conversations]
         return [a['choices'][0]['message']['content'] for a in post_all('/v1/chat/completions', bodies)]
     replies = []
     for i in range(0, len(conversations), batch_size):
@@ -152,7 +145,7 @@ def chat_replies(conversations):
 def completions(prompts, stop):
     """A base model's greedy continuation of each text prompt, cut at the first stop string."""
     if url:
-        bodies = [dict(prompt=clean(p), temperature=0, max_tokens=max_new_tokens, stop=stop[:4]) for p in prompts]
+        bodies = [dict(prompt=clean(p), max_tokens=max_new_tokens, stop=stop[:4]) for p in prompts]
         texts = [a['choices'][0]['text'] for a in post_all('/v1/completions', bodies)]
     else:
         texts = []
@@ -175,7 +168,7 @@ def as_messages(chat):
 
 
 def post_all(path, bodies):
-    """serve.py's JSON answers to the bodies, batch_size requests in flight; a failure stops the run."""
+    """serve.py's JSON answers to the bodies (greedy), batch_size requests in flight; a failure stops the run."""
     def ask(body):
         request = urllib.request.Request(url.rstrip('/') + path, json.dumps(dict(body, temperature=0)).encode(),
                                          {'Content-Type': 'application/json'})
@@ -238,12 +231,10 @@ def run_choice(name, examples, shots):
             letters.append(list(ex['letters']))
         picks = letter_picks(conversations, letters)
         return dict(acc=float(np.mean([p == ex['gold'] for p, ex in zip(picks, examples)]))), chance, len(examples)
-    requests, owners = [], []
-    for i, (ex, exs) in enumerate(zip(examples, shots)):
+    requests = []
+    for ex, exs in zip(examples, shots):
         context = with_shots(ex['description'], exs, ex['query'])
-        for choice in ex['choices']:
-            requests.append(encode_pair(context, ' ' + choice))
-            owners.append(i)
+        requests += [encode_pair(context, ' ' + choice) for choice in ex['choices']]
     scores = loglikelihoods(requests)
     acc, acc_norm, k = [], [], 0
     for ex in examples:  # np.argmax takes the first of equal scores, as lm-eval-harness does

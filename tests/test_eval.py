@@ -203,7 +203,6 @@ def char_model(tmp_path_factory):
 def test_base_scores_equal_lm_eval_harness(char_model, one_thread):
     """ARC zero-shot and HellaSwag two-shot (few-shot examples from its 'train' file) scored here and by
     lm-eval-harness's own arc_easy and hellaswag configs (--model hf) on local copies: equal, question for question."""
-    pytest.importorskip('lm_eval')
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     import lm_eval
@@ -258,9 +257,11 @@ def chat_model(tmp_path_factory):
 
 def test_categorical_scoring_by_hand(chat_model, tmp_path, one_thread):
     """Questions of 3, 4 and 5 options: the model must pick B of A-C, D of A-D and E of A-E, in process and
-    through serve.py; with the answers C, D, E, acc is 2/3. Scored as a base model, every token but the six above
-    has one log-probability, so an option of m x's scores m + 1 times it (its space too): the shortest option
-    wins acc (the answers are the shortest: 1), the longest acc_norm (never an answer: 0)."""
+    through serve.py; with the answers C, D, E, acc is 2/3. Scored as a base model (in process and through
+    serve.py's echoed log-probabilities), every token but the six above has one log-probability, so an option of
+    m x's scores m + 1 times it (its space too): the shortest option wins acc (the answers are the shortest: 1),
+    the longest acc_norm (never an answer: 0)."""
+    BY_HAND = {'acc': 1.0, 'acc_norm': 0.0}  # the base-model scores
     rows = [{'id': str(k), 'question': 'which one?', 'choices': {'text': ['x' * (k - i) for i in range(k)],
              'label': list('ABCDE'[:k])}, 'answerKey': 'CDE'[k - 3]} for k in (3, 4, 5)]
     files = write_jsonl(tmp_path / 'arc.jsonl', rows)
@@ -276,10 +277,12 @@ def test_categorical_scoring_by_hand(chat_model, tmp_path, one_thread):
             with settings(url=url, out_dir=chat_model['out'], task='arc_easy', data_files=files) as remote:
                 assert remote.letter_picks(conversations, [list('ABC'), list('ABCD'), list('ABCDE')]) == [1, 3, 4]
                 assert remote.run_choice('arc_easy', *remote.examples_and_shots('arc_easy'))[0] == metrics
+            with settings(url=url, out_dir=chat_model['out'], task='arc_easy', data_files=files, mode='base') as remote:
+                assert remote.run_choice('arc_easy', *remote.examples_and_shots('arc_easy'))[0] == BY_HAND
         finally:
             stop_server(proc)
     with settings(out_dir=chat_model['out'], task='arc_easy', data_files=files, mode='base', dtype='float32') as ce:
-        assert ce.run_choice('arc_easy', *ce.examples_and_shots('arc_easy'))[0] == {'acc': 1.0, 'acc_norm': 0.0}
+        assert ce.run_choice('arc_easy', *ce.examples_and_shots('arc_easy'))[0] == BY_HAND
 
 
 def test_cli_table_json_and_errors(chat_model, tmp_path, capsys):
