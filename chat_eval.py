@@ -61,6 +61,8 @@ json_out = ''  # also write {task: {metric: value}} here
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
 # -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    configure(globals())  # before the constants below, so --help and overrides see only the settings above
 
 CHOICE = {'arc_easy': (arc, 'ARC-Easy'), 'arc_challenge': (arc, 'ARC-Challenge'), 'mmlu': (mmlu, 'all'),
           'hellaswag': (hellaswag, None)}
@@ -403,5 +405,4 @@ def fmt(value):
 
 
 if __name__ == '__main__':
-    configure(globals())
     main()
