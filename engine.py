@@ -385,3 +385,40 @@ def generate(model, prompts, max_new_tokens, seed=None, **settings):
             if row.error is not None:
                 raise row.error
     return [row.tokens for row in rows]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, requests, vocab_size=None, batch_size=16):
+    """How likely each request's continuation is after its context, the way lm-eval-harness scores a choice:
+    requests are (context ids, continuation ids), each sequence cropped to its last block_size + 1 tokens.
+    Returns the log probability of every continuation token given all before it (ids >= vocab_size, a padded
+    vocabulary's extra rows, get none). Requests with the same model input (one-token continuations of one
+    context: the letters of a question) share a forward; inputs go longest first, batch_size at a time,
+    padded on the right, which causal attention never sees."""
+    cfg = model.config
+    device = model.transformer.wte.weight.device
+    vocab_size = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
+    users = {}  # model input -> [(request index, its continuation tokens as targets)]
+    for i, (context, continuation) in enumerate(requests):
+        if not context:
+            raise ValueError("a context must have at least one token")
+        whole = (list(context) + list(continuation))[-(cfg.block_size + 1):]
+        users.setdefault(tuple(whole[:-1]), []).append((i, whole[max(1, len(whole) - len(continuation)):]))
+    out = [[] for _ in requests]
+    inputs = sorted(users, key=len, reverse=True)
+    for b in range(0, len(inputs), batch_size):
+        batch = inputs[b:b + batch_size]
+        idx = torch.tensor([list(s) + [0] * (len(batch[0]) - len(s)) for s in batch], device=device)
+        x = model.hidden_states(idx)
+        for row, s in enumerate(batch):
+            n = max(len(t) for _, t in users[s])  # only the positions some continuation is scored at
+            if n == 0:
+                continue
+            logits = model.logits(x[row, len(s) - n:len(s)]).float()
+            logits[:, vocab_size:] = float('-inf')
+            logprobs = logits.log_softmax(-1)
+            for i, targets in users[s]:
+                if targets:
+                    picked = logprobs[n - len(targets):].gather(1, torch.tensor(targets, device=device)[:, None])
+                    out[i] = picked[:, 0].tolist()
+    return out

@@ -219,7 +219,12 @@ def write_hf_tokenizer(v, path, block_size):
               'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
     if v['eot'] is not None:
         eot = next(s for s, i in v['special'].items() if i == v['eot'])
-        config.update(bos_token=eot, eos_token=eot)
+        config.update(bos_token=eot, eos_token=eot, pad_token=eot)
+    elif v['kind'] == 'char':
+        # lm-eval-harness and transformers' padding need an eos token: a character vocabulary has no special
+        # token, so its newline (else its first character) ends a text, keeping every id as it is
+        end = b'\n' if b'\n' in v['ranks'] else min(v['ranks'], key=v['ranks'].get)
+        config.update(eos_token=end.decode('utf-8'), pad_token=end.decode('utf-8'))
     if v['kind'] == 'gpt2':
         # GPT-2's own files too, for tools that read them (tokenizer.json is what AutoTokenizer loads)
         config.update(add_prefix_space=False, unk_token='<|endoftext|>')

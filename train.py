@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
+from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
@@ -393,9 +394,7 @@ def tokens_per_byte():
     targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
     if masked:
         targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
-    counts = np.bincount(targets, minlength=len(lengths))[:len(lengths)]
-    n_bytes = int(counts @ lengths)
-    return len(targets) / n_bytes if n_bytes else None
+    return targets_per_byte(targets, lengths)
 
 
 val_tokens_per_byte = tokens_per_byte() if master_process else None
@@ -502,21 +501,14 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    n_windows = (len(data) - 1) // block_size
-    total, count = 0.0, 0
+    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked else None
     raw_model.eval()
-    for start in range(0, n_windows, batch_size):
-        ix = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        window = check_ids(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64), 'val')
-        x, y = torch.from_numpy(window[:, :-1]).to(device), masked_targets('val', ix, window[:, 1:]).to(device)
-        n = int((y != -1).sum())
-        if n:  # a window of another role's tokens only has nothing to count
-            with ctx:
-                _, loss = raw_model(x, y)
-            total += loss.item() * n
-            count += n
+    try:
+        loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)
+    except ValueError as e:  # a token id past the vocabulary
+        fail(f"{os.path.join(data_dir, 'val.bin')}: {e}")
     raw_model.train()
-    return total / count
+    return loss
 
 
 def get_lr(it):
