@@ -64,7 +64,10 @@ def lltokenizer(tokenizer):
         special_token_ids = sorted(special | ({n} if end == n else set()))
 
         def __call__(self, text):
-            return tokenizer.encode(text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text)
+            try:
+                return tokenizer.encode(text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text)
+            except ValueError:  # a character a char-level vocabulary lacks: the grammar then allows no token
+                return []
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapped()), n_vocab=len(Wrapped.tokens))
 
 
