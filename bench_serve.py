@@ -121,10 +121,12 @@ def stream_one(port, seed, n_tokens, result, text=None, **fields):
     result.update(tokens=tokens, first=first or 0.0, end=time.time(), text=''.join(pieces))
 
 
-def run_clients(port, n, round_seed, deadline):
-    """n clients streaming at once: (tokens, seconds, mean time to first token)."""
+def run_clients(port, n, round_seed, deadline, prompts=None, **fields):
+    """n clients streaming at once (client i sends prompts[i], else `prompt`): (their results, the seconds until
+    the last one ended)."""
     results = [{} for _ in range(n)]
-    workers = [threading.Thread(target=stream_one, args=(port, round_seed + i, max_tokens, results[i]), daemon=True)
+    workers = [threading.Thread(target=stream_one, args=(port, round_seed + i, max_tokens, results[i],
+                                                         prompts and prompts[i]), kwargs=fields, daemon=True)
                for i in range(n)]
     t0 = time.time()
     for t in workers:
@@ -134,8 +136,7 @@ def run_clients(port, n, round_seed, deadline):
     errors = [r.get('error', 'no answer in time') for r in results if 'end' not in r]
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} clients failed: {errors[0]}")
-    seconds = max(r['end'] for r in results) - t0
-    return sum(r['tokens'] for r in results), seconds, sum(r['first'] for r in results) / n
+    return results, max(r['end'] for r in results) - t0
 
 
 # -----------------------------------------------------------------------------
@@ -194,20 +195,9 @@ def percentile(values, q):
 
 def load_clients(port, n, fields, deadline):
     """n clients streaming at once, each its own ~200-token prompt: (aggregate tokens/s, TTFT p50, TTFT p99)."""
-    results = [{} for _ in range(n)]
-    workers = [threading.Thread(target=stream_one, args=(port, i, max_tokens, results[i], f"{i}. {LONG * 2}"),
-                                kwargs=fields, daemon=True) for i in range(n)]
-    t0 = time.time()
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(max(0.0, deadline - time.time()))
-    errors = [r.get('error', 'no answer in time') for r in results if 'end' not in r]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {n} clients failed: {errors[0]}")
-    tokens = sum(r['tokens'] or max_tokens for r in results)
+    results, seconds = run_clients(port, n, 0, deadline, [f"{i}. {LONG * 2}" for i in range(n)], **fields)
     firsts = [r['first'] for r in results]
-    return tokens / (max(r['end'] for r in results) - t0), percentile(firsts, 0.5), percentile(firsts, 0.99)
+    return sum(r['tokens'] or max_tokens for r in results) / seconds, percentile(firsts, 0.5), percentile(firsts, 0.99)
 
 
 def chat(port, fields, deadline):
@@ -299,8 +289,8 @@ def main():
         run_clients(port, 1, 0, deadline)  # warm up: first-call allocations and lazy initialisation
         rows = []
         for n in (1, clients):
-            tokens, seconds, first = run_clients(port, n, 1000 * n, deadline)
-            rows.append((n, tokens, seconds, first))
+            results, seconds = run_clients(port, n, 1000 * n, deadline)
+            rows.append((n, sum(r['tokens'] for r in results), seconds, sum(r['first'] for r in results) / n))
         print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'per client':>11} {'first token':>12}")
         for n, tokens, seconds, first in rows:
             print(f"{n:>7} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>9.1f} {tokens / seconds / n:>11.1f} "
@@ -308,12 +298,7 @@ def main():
         (_, t1, s1, _), (n, tn, sn, _) = rows
         print(f"{n} concurrent clients get {(tn / sn) / (t1 / s1):.2f}x the aggregate tokens/s of 1")
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
