@@ -88,6 +88,7 @@ class Row:
         self.beam = None  # the Beams this row is one beam of (beam_rows), else None
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.kv_start = 0  # the cache holds (prompt + tokens)[kv_start:]: > 0 once cropped or slid
+        self.prefilled = 0  # its first positions computed in whole prefill chunks: what may be reused
 
 
 class Beams:
@@ -123,15 +124,20 @@ class Engine:
     ALiBi models (which read past block_size). Every prompt is cropped to its last block_size
     tokens. Token ids >= vocab_size (a padded vocabulary's extra rows) are never sampled.
 
-    The prefix cache matches whole tokens, longest common prefix first, against the rows running
-    and a least-recently-used list of sequences that ended, each whole (not blocks of tokens hashed
-    by their prefix, as vLLM does): the cache is one dense tensor per layer, so reuse is a copy of
-    positions 0..m-1 either way, and a list of token lists finds the longest match, to the token,
-    in a few lines. A sequence supersedes the remembered ones it starts with (a chat's next turn
-    replaces its last), so a long chat holds one copy of its history, not one a turn."""
+    Prompts prefill in chunks of prefill_chunk tokens at fixed positions (0, c, 2c, ...): a chunk's
+    keys and values then come out bit for bit the same whichever request computed them, and only
+    those whole chunks are reused. Positions computed otherwise (a last partial chunk, decode steps)
+    are computed again: in bfloat16 their rounding differs enough to flip a near-tie later on.
+
+    The prefix cache matches those chunks by their tokens, longest common prefix first, against the
+    rows running and a least-recently-used list of sequences that ended (not blocks hashed by their
+    prefix, as vLLM's paged cache needs: ours is one dense tensor per layer, so reuse is a copy of
+    positions 0..m-1 either way, and a list of token lists finds the longest match in a few lines).
+    A sequence supersedes the remembered ones it starts with (a chat's next turn replaces its last),
+    so a long chat holds one copy of its history, not one a turn."""
 
     def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None,
-                 prefix_cache_tokens=0):
+                 prefix_cache_tokens=0, prefill_chunk=64):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
         weight = model.transformer.wte.weight  # the model's float dtype even when its Linears are int8
@@ -154,7 +160,7 @@ class Engine:
         self.counts = None  # (max_rows, vocab) token counts, made when a row first uses a penalty
         self.bias = None  # (max_rows, vocab) logit_bias, made when a row first uses one
         self.allowed = None  # (max_rows, vocab / 32) int32 bitmasks of the constrained rows, made when first used
-        self.prefix_cache_tokens = prefix_cache_tokens
+        self.prefix_cache_tokens, self.prefill_chunk = prefix_cache_tokens, prefill_chunk
         self.saved = OrderedDict()  # token tuple -> its keys and values (layers, 2, kv heads, tokens, head size); LRU first
 
     # --- joining and leaving ---
@@ -188,15 +194,16 @@ class Engine:
         batches = [list(range(len(prompts)))] if same else [[i] for i in range(len(prompts))]
         for batch in batches:
             view = self.cache.rows(n + batch[0], n + batch[-1] + 1)
-            start = starts[batch[0]]
+            start, end = starts[batch[0]], len(prompts[batch[0]]) - 1
             view.lengths = [start] * len(batch)
-            if len(prompts[batch[0]]) - 1 > start:
-                idx = torch.tensor([prompts[i][start:-1] for i in batch], device=self.device)
+            for at in range(start, end, self.prefill_chunk):  # start is a chunk's first position
+                idx = torch.tensor([prompts[i][at:min(at + self.prefill_chunk, end)] for i in batch], device=self.device)
                 self.model.hidden_states(idx, cache=view)
             self.cache.lengths[n + batch[0]:n + batch[-1] + 1] = view.lengths
         for i, group in enumerate(groups.values()):
             for row in group:
                 row.cached_tokens, row.kv_start = starts[i], len(row.prompt) - len(prompts[i])
+                row.prefilled = (len(prompts[i]) - 1) // self.prefill_chunk * self.prefill_chunk
         placed = [group[0] for group in groups.values()] + [row for group in groups.values() for row in group[1:]]
         source = {id(row): n + i for i, group in enumerate(groups.values()) for row in group}
         for slot, row in enumerate(placed, start=n):
@@ -246,14 +253,16 @@ class Engine:
 
     def _reuse(self, slot, prompt):
         """Copy into row `slot` the keys and values of the longest start of prompt[:-1] (the part
-        a prefill computes) that a running row or a remembered sequence holds; its length."""
+        a prefill computes), in whole chunks, that a running row or a remembered sequence holds;
+        its length."""
         want, best, source = list(prompt[:-1]), 0, None
+        whole = lambda m: m // self.prefill_chunk * self.prefill_chunk  # noqa: E731
         for i, row in enumerate(self.rows):
-            m = common_prefix(self._held(row, i), want) if row.beam is None else 0
+            m = whole(common_prefix(self._held(row, i)[:row.prefilled], want)) if row.beam is None else 0
             if m > best:
                 best, source = m, i
         for tokens, kv in self.saved.items():
-            m = common_prefix(tokens, want)
+            m = whole(common_prefix(tokens, want))
             if m > best:
                 best, source = m, tokens
         for layer, (k, v) in enumerate(zip(self.cache.k, self.cache.v)):
@@ -266,9 +275,13 @@ class Engine:
         return best
 
     def _remember(self, row, slot):
-        """Keep the keys and values of a row that ends (its first prefix_cache_tokens), for a later
-        prompt that starts the same way; the least recently used go first to make room."""
-        tokens = tuple(self._held(row, slot)[:self.prefix_cache_tokens])
+        """Keep the keys and values of a row that ends (its whole prefilled chunks, at most
+        prefix_cache_tokens), for a later prompt that starts the same way; the least recently used
+        go first to make room."""
+        budget = self.prefix_cache_tokens // self.prefill_chunk * self.prefill_chunk
+        tokens = tuple(self._held(row, slot)[:min(row.prefilled, budget)])
+        if not tokens:
+            return
         for held in list(self.saved):
             if common_prefix(held, tokens) == len(tokens):  # held already, in this one or a longer one
                 self.saved.move_to_end(held)
@@ -391,6 +404,7 @@ class Engine:
             return
         window = (row.prompt + row.tokens)[-self.model.config.block_size:-1]
         row.kv_start = len(row.prompt) + len(row.tokens) - self.model.config.block_size
+        row.prefilled = 0  # prefilled in one pass, not in chunks: nothing here is reused
         view = self.cache.rows(slot, slot + 1)
         view.lengths = [0]
         self.model.hidden_states(torch.tensor([window], device=self.device), cache=view)
