@@ -1,17 +1,16 @@
 """
 Beam search through the decode engine gives transformers' generate(num_beams=N) token for token,
-on the same weights (export.py's conversion), beside free rows in the same batch; and from the
-command line, sample.py --num_beams.
+on the same weights (export.py's conversion), beside free rows in the same batch; and as text,
+through sample.py's generate_text (what --num_beams runs).
 """
-import pickle
-
 import pytest
 import torch
 
-from conftest import REPO, run_script
 from engine import Engine, Row, beam_rows
 from export import to_hf
 from model import GPT, GPTConfig
+from sample import generate_text
+from tokenizer import char_tokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 EOT = 0
@@ -61,27 +60,17 @@ def test_beams_are_transformers_beams(seed, eot_boost, num_beams):
     assert free.tokens == again.tokens
 
 
-def test_sample_py_num_beams(tmp_path):
-    """sample.py --num_beams prints transformers' best beam of the checkpoint's weights."""
+def test_generate_text_num_beams():
+    """sample.py's generate_text(num_beams=...) (what --num_beams runs) gives transformers' best beam as text."""
     chars = sorted(set('abcdefghij \n'))
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(chars), bias=True, dropout=0.0)
+    tok = char_tokenizer({'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))})
     torch.manual_seed(1)
-    model = GPT(GPTConfig(**model_args)).eval()
-    with torch.no_grad():  # larger weights than GPT-2's init, for a continuation that is not one letter repeated
-        model.lm_head.weight.mul_(8)
-    torch.save({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'config': {}},
-               tmp_path / 'ckpt.pt')
-    with open(tmp_path / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'stoi': {c: i for i, c in enumerate(chars)},
-                     'itos': {i: c for i, c in enumerate(chars)}}, f)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=len(chars), bias=True)).eval()
     from transformers import GPT2LMHeadModel
     config, state = to_hf(model)
     hf = GPT2LMHeadModel(config).eval()
     hf.load_state_dict(state, strict=False)
-    prompt = [chars.index(c) for c in 'abc']
     with torch.no_grad():
-        best = hf.generate(torch.tensor([prompt]), num_beams=3, max_new_tokens=12, do_sample=False)[0, 3:].tolist()
-    out = run_script(REPO / 'sample.py', f'--out_dir={tmp_path}', '--device=cpu', '--dtype=float32', '--start=abc',
-                     '--num_beams=3', '--max_new_tokens=12', env={'OMP_NUM_THREADS': '1'})
-    assert 'abc' + ''.join(chars[i] for i in best) in out.stdout.splitlines()
-    assert '(3 beams)' in out.stderr
+        best = hf.generate(torch.tensor([tok.encode('abc')]), num_beams=3, max_new_tokens=12, do_sample=False)[0, 3:]
+    text = ''.join(piece for _, piece in generate_text(model, tok, ['abc'], 12, num_beams=3))
+    assert text == tok.decode(best.tolist()) and len(text) == 12
