@@ -55,7 +55,7 @@ timeout = 600  # seconds: the whole benchmark gives up after this long
 compare_llamacpp = False  # the side-by-side table against llama-server (timeout then counts per server run)
 llama_server = ''  # the llama-server binary; '' = the LLAMA_SERVER environment variable
 chat_turns = 10  # turns of the chat part of --compare_llamacpp
-repeats = 1  # --compare_llamacpp rounds (ours, then llama-server, each round): the table shows their medians
+repeats = 1  # --compare_llamacpp rounds (serve.py first, then llama-server first, ...): the table shows medians
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     configure(globals())  # before the constants below, so --help and overrides see only the settings above
@@ -229,8 +229,8 @@ def compare(model_dir, what, tmp):
     n_threads = threads or max(1, torch.get_num_threads() - 1)  # serve.py's default: one fewer than the cores
     loads = [os.getloadavg()[0]]
     runs = {'ours': [], 'ours, no prefix cache': [], 'llama-server': []}
-    for _ in range(repeats):  # ours then llama-server, back to back, each round
-        for name in runs:
+    for r in range(repeats):  # back to back; every other round llama-server goes first, so a drifting load favours neither
+        for name in list(runs)[::-1 if r % 2 else 1]:
             deadline = time.time() + timeout
             if name == 'llama-server':
                 proc, port = start_llama(binary, gguf, os.path.join(tmp, 'llama.log'), n_threads, deadline)
