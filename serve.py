@@ -6,9 +6,14 @@ $ python serve.py --out_dir=out-shakespeare-char --port=8080
 $ python serve.py --init_from=gpt2 --api_key=secret   # clients then send "Authorization: Bearer secret"
 
 then open http://127.0.0.1:8080, or point any OpenAI client at http://127.0.0.1:8080/v1.
+Besides completions and chat (response_format for JSON output, best_of on completions), as llama-server:
+POST /tokenize, POST /detokenize, POST /v1/embeddings, GET /metrics (Prometheus), GET /health (503 while
+the model loads).
 One worker thread owns the model and drives the decode engine (engine.py): a request waits in
 a queue for free rows, joins the running batch between two steps and leaves it when it ends.
 """
+import base64
+import bisect
 import hmac
 import json
 import math
@@ -16,6 +21,7 @@ import os
 import queue
 import re
 import select
+import struct
 import signal
 import socket
 import subprocess
@@ -32,7 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from configurator import check_value, configure, settings_in
-from engine import Engine, Row, SettingError
+from engine import Engine, Row, SettingError, beam_rows, embed
+from grammar import FormatError, json_grammar
 from model import GPTConfig, auto_dtype, training_memory
 from sample import TextStream, decode_step, load_model, stop_tokens_of
 from tokenizer import CHAT_ROLES, read_meta, render_chat
@@ -54,6 +61,9 @@ api_key = ''  # when set, /v1 and /api routes need "Authorization: Bearer <api_k
 train_root = ''  # the page's training runs write under here, and /api/model/load reads from here or out_dir ('' = this project's folder)
 seed = 1337  # the random stream of requests that bring no seed of their own
 threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default, which leaves the HTTP threads a core
+# keys and values of ended sequences kept for prompts that start the same way (a chat's next turn); 0 = off.
+# Memory: n_layer * 2 * n_embd * 4 bytes a token (GPT-2 124M: 74 KB, so 4096 tokens take 300 MB)
+prefix_cache_tokens = 4096
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     configure(globals())  # before the constants below, so --help and overrides see only the settings above
@@ -109,6 +119,71 @@ class Loaded:
 
 
 # -----------------------------------------------------------------------------
+# GET /metrics: Prometheus' text format, written by hand (no client library needed for a few counters)
+
+class Metrics:
+    """Counters by name and labels, and histograms of seconds; HTTP threads and the worker add to them."""
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+    HELP = {
+        'nanogpt_requests_total': ('counter', "HTTP requests answered, by route and status"),
+        'nanogpt_prompt_tokens_total': ('counter', "prompt tokens of the requests that started generating"),
+        'nanogpt_prompt_tokens_cached_total': ('counter', "of those, tokens whose keys and values came from the prefix cache"),
+        'nanogpt_generated_tokens_total': ('counter', "tokens generated"),
+        'nanogpt_time_to_first_token_seconds': ('histogram', "from a request's arrival to each choice's first token"),
+        'nanogpt_inter_token_latency_seconds': ('histogram', "between two tokens of a choice"),
+    }
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = {}  # (name, ((label, value), ...)) -> count
+        self.histograms = {}  # name -> [count per bucket (and +Inf), sum]
+
+    def add(self, name, value=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + value
+
+    def observe(self, name, seconds):
+        with self.lock:
+            h = self.histograms.setdefault(name, [0] * (len(self.BUCKETS) + 1) + [0.0])
+            h[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+            h[-1] += seconds
+
+    def text(self, gauges):
+        """The exposition text: every counter and histogram, then the gauges given ({name: (help, value)})."""
+        lines = []
+        with self.lock:
+            for name, (kind, help_text) in self.HELP.items():
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+                if kind == 'counter':
+                    rows = [(labels, v) for (n, labels), v in sorted(self.counters.items()) if n == name] or [((), 0)]
+                    lines += [f"{name}{label_text(labels)} {v}" for labels, v in rows]
+                    continue
+                h = self.histograms.get(name, [0] * (len(self.BUCKETS) + 1) + [0.0])
+                for i, le in enumerate([*map(str, self.BUCKETS), '+Inf']):
+                    lines.append(f'{name}_bucket{{le="{le}"}} {sum(h[:i + 1])}')
+                lines += [f"{name}_sum {h[-1]:.6f}", f"{name}_count {sum(h[:-1])}"]
+        for name, (help_text, value) in gauges.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return ('\n'.join(lines) + '\n').encode()
+
+
+def label_text(labels):
+    return '{' + ','.join(f'{k}="{v}"' for k, v in labels) + '}' if labels else ''
+
+
+metrics = Metrics()
+worker = None  # the Worker, once the model has loaded (main): until then every route answers 503
+
+
+def gauges():
+    status = worker.status()
+    return {'nanogpt_requests_waiting': ("prompts queued for a free row", status['waiting']),
+            'nanogpt_rows_running': ("engine rows generating", status['active_rows']),
+            'nanogpt_prefix_cache_tokens': ("tokens the prefix cache holds", status['prefix_cache_tokens'])}
+
+
+# -----------------------------------------------------------------------------
 # The queue and the worker thread that owns the model
 
 class Request:
@@ -122,6 +197,7 @@ class Request:
         self.events = queue.Queue()
         self.cancelled = False  # set by the HTTP thread when its client has gone
         self.failed = False  # it got its error: its prompts still waiting are dropped
+        self.arrived = time.time()  # for the time-to-first-token histogram
 
 
 class Worker:
@@ -138,7 +214,8 @@ class Worker:
         self.thread.start()
 
     def use(self, loaded):
-        engine = Engine(loaded.model, max_batch_size, max_tokens_limit, loaded.tokenizer.n_vocab, seed)
+        engine = Engine(loaded.model, max_batch_size, max_tokens_limit, loaded.tokenizer.n_vocab, seed,
+                        prefix_cache_tokens=prefix_cache_tokens)
         self.loaded, self.engine = loaded, engine
 
     def submit(self, request=None, load=None):
@@ -159,7 +236,7 @@ class Worker:
 
     def status(self):
         return dict(self.stats, active_rows=len(self.engine.rows), waiting=len(self.waiting),
-                    max_batch_size=max_batch_size)
+                    max_batch_size=max_batch_size, prefix_cache_tokens=self.engine.prefix_tokens_held())
 
     def close(self):
         """Stop after the current step; every open request ends with an error."""
@@ -248,6 +325,8 @@ class Worker:
                         request.events.put(('done', row.choice, 'length', 0))
                 else:
                     self.engine.add(rows)
+                    metrics.add('nanogpt_prompt_tokens_total', len(rows[0].prompt))
+                    metrics.add('nanogpt_prompt_tokens_cached_total', rows[0].cached_tokens)
             except APIError as e:
                 self.fail(request, e)
             except SettingError as e:
@@ -272,6 +351,13 @@ class Worker:
                 failed.add(request)
                 continue
             self.stats['generated_tokens'] += 1
+            metrics.add('nanogpt_generated_tokens_total')
+            now, last = time.time(), getattr(row, 'last_token_at', None)
+            if last is None:
+                metrics.observe('nanogpt_time_to_first_token_seconds', now - request.arrived)
+            else:
+                metrics.observe('nanogpt_inter_token_latency_seconds', now - last)
+            row.last_token_at = now
             token = row.tokens[-1]
             scored = row.logprobs is not None and token not in row.stop_tokens
             logprobs = [(token, *row.token_logprobs[-1])] if scored else []
@@ -538,15 +624,31 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, echo=False)
     seed = row.pop('seed', None)
     require(seed is None or type(seed) is int and 0 <= seed < 2 ** 63,
             f"'seed' must be an integer between 0 and {2 ** 63 - 1}, not {seed!r}", 'seed')
+    best_of = body.get('best_of') if not chat and body.get('best_of') is not None else n
+    require(type(best_of) is int and n <= best_of <= max_batch_size,
+            f"'best_of' must be an integer between n ({n}) and {max_batch_size}, not {best_of!r}", 'best_of')
+    require(best_of == n or not flag(body, 'stream'), "best_of cannot be streamed", 'best_of')
     try:
-        rows = [[Row(p, **row, seed=seed if seed is None else seed + i * n + j, stop_tokens=stop_tokens_of(tokenizer))
-                 for j in range(n)] for i, p in enumerate(prompts)]
+        make = json_grammar(tokenizer, body['response_format']) if body.get('response_format') is not None else None
+    except FormatError as e:
+        raise APIError(str(e), 'response_format')
+    beams = best_of > 1 and best_of > n and row.get('temperature', 1.0) == 0  # greedy best_of: a beam search
+    try:
+        if beams:
+            require(make is None and row['logprobs'] is None,
+                    "best_of with temperature 0 (a beam search) takes no response_format or logprobs", 'best_of')
+            rows = [beam_rows(p, best_of, row['max_tokens'], stop_tokens_of(tokenizer)) for p in prompts]
+        else:  # best_of ranks the samples by their mean log probability: each row records its tokens'
+            ranked = dict(row, logprobs=row['logprobs'] or 0) if best_of > n else row
+            rows = [[Row(p, **ranked, seed=seed if seed is None else seed + i * best_of + j,
+                         stop_tokens=stop_tokens_of(tokenizer), constraint=make and make())
+                     for j in range(best_of)] for i, p in enumerate(prompts)]
     except SettingError as e:
         raise APIError(str(e), e.name)
     require((0 if echo else 1) <= row['max_tokens'] <= max_tokens_limit,  # 0 with echo: score the prompt only
             f"'max_tokens' must be between 1 and {max_tokens_limit}, not {row['max_tokens']}", 'max_tokens')
     return rows, dict(n=n, stop=stop, stream=flag(body, 'stream'), include_usage=flag(options, 'include_usage'),
-                      logprobs=row['logprobs'])
+                      logprobs=row['logprobs'], best_of=best_of, beams=beams)
 
 
 def logprobs_json(tokenizer, entries, chat, offset=0):
@@ -565,6 +667,50 @@ def logprobs_json(tokenizer, entries, chat, offset=0):
 
 def finite(x):
     return x if x is None or math.isfinite(x) else None
+
+
+def tokenize(tokenizer, body):
+    """POST /tokenize, as llama-server: {"content": text} -> {"tokens": ids}."""
+    require(isinstance(body.get('content'), str), "'content' must be a string", 'content')
+    try:
+        return {'tokens': tokenizer.encode(body['content'])}
+    except ValueError as e:  # e.g. a character a char-level model has never seen
+        raise APIError(str(e), 'content')
+
+
+def detokenize(tokenizer, body):
+    """POST /detokenize: {"tokens": ids} -> {"content": text}."""
+    ids = body.get('tokens')
+    require(isinstance(ids, list) and all(type(t) is int and 0 <= t < tokenizer.n_vocab for t in ids),
+            f"'tokens' must be a list of token ids (0..{tokenizer.n_vocab - 1})", 'tokens')
+    return {'content': tokenizer.decode(ids)}
+
+
+def embeddings(loaded, body):
+    """POST /v1/embeddings in OpenAI's shape: one vector per input (a string, a list of token ids, or a
+    list of either), the mean of the model's last hidden states over its tokens."""
+    inputs, fmt = body.get('input'), body.get('encoding_format') or 'float'
+    is_ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)  # noqa: E731
+    inputs = [inputs] if isinstance(inputs, str) or is_ids(inputs) else inputs
+    require(isinstance(inputs, list) and 0 < len(inputs) <= 64 and all(isinstance(p, str) and p or is_ids(p) for p in inputs),
+            "'input' must be a non-empty string, a list of token ids, or a list of up to 64 of either", 'input')
+    require(fmt in ('float', 'base64'), "'encoding_format' must be 'float' or 'base64'", 'encoding_format')
+    tokenizer, block_size = loaded.tokenizer, loaded.model.config.block_size
+    try:
+        ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in inputs]
+    except ValueError as e:
+        raise APIError(str(e), 'input')
+    require(all(0 < len(p) <= block_size and all(0 <= t < tokenizer.n_vocab for t in p) for p in ids),
+            f"each input must be 1 to {block_size} tokens of ids in 0..{tokenizer.n_vocab - 1}", 'input')
+    data = []
+    for i, p in enumerate(ids):
+        vector = embed(loaded.model, p)
+        if fmt == 'base64':  # what the openai client asks for by default: little-endian float32s
+            vector = base64.b64encode(struct.pack(f'<{len(vector)}f', *vector)).decode()
+        data.append({'object': 'embedding', 'index': i, 'embedding': vector})
+    tokens = sum(map(len, ids))
+    return {'object': 'list', 'data': data, 'model': loaded.name,
+            'usage': {'prompt_tokens': tokens, 'total_tokens': tokens}}
 
 
 # -----------------------------------------------------------------------------
@@ -619,6 +765,11 @@ class Handler(BaseHTTPRequestHandler):
             ('POST', '/api/train/stop'): trainer.stop,
             ('GET', '/api/train/status'): trainer.status,
             ('GET', '/api/train/log'): lambda: trainer.read_log(self.query.get('offset', ['0'])[0]),
+            ('POST', '/tokenize'): lambda: tokenize(worker.loaded.tokenizer, json_body()),
+            ('POST', '/detokenize'): lambda: detokenize(worker.loaded.tokenizer, json_body()),
+            ('POST', '/v1/embeddings'): lambda: embeddings(worker.loaded, json_body()),
+            ('GET', '/metrics'): lambda: self.send_json(200, metrics.text(gauges()), [],
+                                                        'text/plain; version=0.0.4; charset=utf-8'),
         }
 
     def answer(self, method):
@@ -634,6 +785,7 @@ class Handler(BaseHTTPRequestHandler):
                     "missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, code='invalid_api_key')
             self.body, self.query = self.read_body(), urllib.parse.parse_qs(url.query)
             self.deadline.cancel()
+            require(worker is not None, "the model is loading; try again shortly", status=503, code='loading')
             result = self.routes()[method, url.path]()
             if result is not None:
                 self.send_json(200, result)
@@ -668,6 +820,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def send_head(self, status, content_type, headers=()):
+        path = urllib.parse.urlsplit(getattr(self, 'path', '')).path
+        metrics.add('nanogpt_requests_total', route=path if path in {p for _, p in self.routes()} else 'other',
+                    status=status)
         self.send_response(status)
         for key, value in [('Content-Type', content_type), *headers]:
             self.send_header(key, value)
@@ -738,12 +893,13 @@ class Handler(BaseHTTPRequestHandler):
         rows, how = read_request(body, prompts, loaded.tokenizer, 256 if chat else 16, chat, echo)
         request = Request(loaded, rows, how['stop'] + chat_stop, echo)
         worker.submit(request)
-        n, stream = len(rows) * how['n'], how['stream']
+        per, stream = how['best_of'], how['stream']  # rows per prompt: n, or best_of to pick n from
+        n = len(rows) * per
         meta = dict(id=('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, created=int(time.time()),
                     model=loaded.name, object=('chat.completion' if chat else 'text_completion') +
                     ('.chunk' if chat and stream else ''))
         texts, logprobs, reasons = [''] * n, [[] for _ in range(n)], [None] * n
-        offsets = [0 if echo else len(loaded.tokenizer.decode(rows[i // how['n']][0].prompt)) for i in range(n)]
+        offsets = [0 if echo else len(loaded.tokenizer.decode(rows[i // per][0].prompt)) for i in range(n)]
         usage = dict(prompt_tokens=sum(len(r[0].prompt) for r in rows), completion_tokens=0)
 
         def choice(i, text, entries, finish_reason):
@@ -777,7 +933,7 @@ class Handler(BaseHTTPRequestHandler):
                     piece, entries, reasons[i] = '', [], event[2]
                     usage['completion_tokens'] += event[3]
                 else:  # with echo, the prompt's text and tokens come first
-                    piece, entries = (prompt_texts[i // how['n']], event[2]) if kind == 'prompt' else event[2:]
+                    piece, entries = (prompt_texts[i // per], event[2]) if kind == 'prompt' else event[2:]
                     if chat and not texts[i]:
                         piece = piece.lstrip()  # a chat reply starts after "Assistant:" without its space
                     texts[i] += piece
@@ -786,13 +942,25 @@ class Handler(BaseHTTPRequestHandler):
                     send(dict(meta, choices=[choice(i, piece, entries, reasons[i])]))
                     offsets[i] += len(piece)  # a chunk's text_offset continues the one before
             usage['total_tokens'] = usage['prompt_tokens'] + usage['completion_tokens']
+            usage['prompt_tokens_details'] = {'cached_tokens': sum(r[0].cached_tokens for r in rows)}
             if not stream:
-                return dict(meta, usage=usage, choices=[choice(i, texts[i], logprobs[i], reasons[i]) for i in range(n)])
+                picked = [i for p in range(len(rows)) for i in best(range(p * per, (p + 1) * per), logprobs, how)]
+                return dict(meta, usage=usage, choices=[dict(choice(i, texts[i], logprobs[i], reasons[i]), index=k)
+                                                        for k, i in enumerate(picked)])
             if None not in reasons and how['include_usage']:
                 send(dict(meta, choices=[], usage=usage))
             self.wfile.write(b'data: [DONE]\n\n')
         except OSError:  # BrokenPipeError, ConnectionResetError, a timed-out write: the client has gone
             request.cancelled = True
+
+
+def best(choices, logprobs, how):
+    """The n of a prompt's choices to answer with: all of them, or with best_of the n best: the first
+    n beams of a beam search (ranked already), else the highest mean log probability per token."""
+    if how['best_of'] == how['n'] or how['beams']:
+        return list(choices)[:how['n']]
+    mean = lambda i: sum(e[1] for e in logprobs[i]) / len(logprobs[i]) if logprobs[i] else float('-inf')  # noqa: E731
+    return sorted(choices, key=lambda i: -mean(i))[:how['n']]
 
 
 class Server(ThreadingHTTPServer):
@@ -803,9 +971,10 @@ class Server(ThreadingHTTPServer):
 
 def main():
     global worker, trainer, load_lock, dtype
-    if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1 or threads < 0:
+    if min(max_batch_size, max_tokens_limit, max_body_bytes, max_waiting, request_timeout) < 1 or threads < 0 \
+            or prefix_cache_tokens < 0:
         sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout "
-                 "must be >= 1, threads >= 0")
+                 "must be >= 1, threads >= 0, prefix_cache_tokens >= 0")
     # Every streamed token wakes an HTTP thread; with all cores in torch's pool it preempts one of
     # them mid-step and the whole step waits (2-core CPU, GPT-2 124M, bfloat16: one client got 71
     # tok/s on 2 threads, 96 on 1)
@@ -813,21 +982,27 @@ def main():
         torch.set_num_threads(threads or torch.get_num_threads() - 1)
     try:
         dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
-        loaded = Loaded(init_from, out_dir)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
     try:
         server = Server((host, port), Handler)
     except OSError as e:
         sys.exit(f"error: cannot listen on {host}:{port}: {e}")
-    worker, trainer, load_lock = Worker(loaded), TrainRun(), threading.Lock()
+    # listening while the model loads, as llama-server: /health (and every other route) answers 503 until then
+    trainer, load_lock = TrainRun(), threading.Lock()
+    threading.Thread(target=server.serve_forever, name='http', daemon=True).start()
+    print(f"listening on http://{host}:{server.server_address[1]} (loading the model)", flush=True)
+    try:
+        loaded = Loaded(init_from, out_dir)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    worker = Worker(loaded)
     if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
         print("warning: listening beyond this machine without an api_key", file=sys.stderr)
     # Ctrl-C and SIGTERM: stop accepting, end the open streams, stop a training run, exit 0
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name='http', daemon=True).start()
     print(f"serving {loaded.name} ({loaded.info['parameters'] / 1e6:.2f}M parameters, {device}, "
           f"{torch.get_num_threads()} threads) on "
           f"http://{host}:{server.server_address[1]}", flush=True)
