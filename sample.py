@@ -144,7 +144,8 @@ def decode_step(engine):
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
-    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
+    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...).
+    progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     rows = [Row(tokenizer.encode_prompt(p) if isinstance(p, str) else p, max_new_tokens, seed=None if seed is None else seed + i,
                 stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
     engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
@@ -153,18 +154,24 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     for row in rows:
         row.text = TextStream(tokenizer, stop, row.stop_tokens)
     engine.add(rows)
-    bar = None
-    if progress:
+    total, done, t0, bar = max(1, len(rows) * max_new_tokens), 0, time.time(), None
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
+        bar = tqdm(total=total, unit='tok', desc='sampling', leave=False, file=sys.stderr, dynamic_ncols=True)
     while engine.rows:
-        for row, piece in decode_step(engine):
+        stepped = decode_step(engine)
+        for row, piece in stepped:
             if row.error is not None:
                 raise row.error
             if piece:
                 yield index[id(row)], piece
+        done += len(stepped)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(stepped))
+        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
+            rate = done / max(time.time() - t0, 1e-6)
+            print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
+                  file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
 

@@ -7,6 +7,7 @@ a user would run them, on a tiny checkpoint trained here.
 """
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -286,6 +287,11 @@ def test_sample_script_prints_samples(workdir):
     for s in samples[:2]:
         assert s.startswith('the quick') and len(s.rstrip('\n')) > len('the quick')
         assert set(s) <= set(CHARS)
+    # progress into a pipe: a line on stderr at every tenth of the 2 x 30 tokens, no progress bar
+    progress = [line for line in proc.stderr.splitlines() if line.startswith('sampling: ')]
+    assert [int(re.fullmatch(r'sampling: (\d+)/60 tokens, [\d.]+ tok/s, \d+s left', line).group(1))
+            for line in progress] == list(range(6, 61, 6)), proc.stderr
+    assert '\r' not in proc.stderr
 
 
 def test_sample_script_interactive_through_a_pipe(workdir):
