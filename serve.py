@@ -60,6 +60,10 @@ if __name__ == '__main__':
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # templates/, config/, data/ and train.py live here
 MAX_STOP = 4  # stop strings a request may give, as OpenAI's API
+# the page's icon: browsers ask for /favicon.ico on every page, and log a 404 without one
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+           b'fill="#2563eb"/><text x="16" y="23" font-family="sans-serif" font-size="20" font-weight="700" '
+           b'fill="#fff" text-anchor="middle">n</text></svg>')
 
 
 class APIError(Exception):
@@ -100,7 +104,9 @@ class Loaded:
                 'parameters': self.info['parameters'], 'model_args': vars(cfg), 'config': self.info.get('config'),
                 'iter_num': self.info.get('iter_num'), 'best_val_loss': best, 'tokenizer': self.tokenizer.name,
                 'vocab_size': cfg.vocab_size, 'block_size': cfg.block_size, 'device': device, 'dtype': dtype,
-                'quantize': quantize or None}
+                'quantize': quantize or None,
+                # a chat model (its tokenizer renders turns): the page opens on its Chat tab
+                'chat': '<|assistant_start|>' in self.tokenizer.special_tokens}
 
 
 # -----------------------------------------------------------------------------
@@ -503,6 +509,8 @@ class Handler(BaseHTTPRequestHandler):
         json_body = lambda: read_json(self.body)  # noqa: E731
         return {
             ('GET', '/'): self.page,
+            ('GET', '/favicon.ico'): lambda: self.send_json(200, FAVICON, [('Cache-Control', 'max-age=86400')],
+                                                            'image/svg+xml'),
             ('GET', '/health'): lambda: dict(worker.status(), status='ok', model=worker.loaded.name,
                                              auth=bool(api_key), max_tokens_limit=max_tokens_limit),
             ('GET', '/v1/models'): lambda: {'object': 'list', 'data': [dict(
