@@ -39,7 +39,16 @@ chat = False  # a multi-turn chat: read a message, stream the reply, repeat (ren
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
+threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default (the cores), see set_threads
 # -----------------------------------------------------------------------------
+
+
+def set_threads(threads):
+    """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
+    anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads
+    sampled the quick-start model 28x slower than 1 (README, Threads)."""
+    if threads or torch.get_num_threads() > 1:
+        torch.set_num_threads(threads or torch.get_num_threads() - 1)
 
 
 def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
@@ -177,6 +186,9 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
 
 
 def main():
+    if threads < 0:
+        fail(f"threads must be >= 0, not {threads}")
+    set_threads(threads)
     try:
         model, tokenizer, info = load_model(init_from, out_dir, device, dtype, quantize)
     except (FileNotFoundError, ValueError, OSError) as e:

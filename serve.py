@@ -34,7 +34,7 @@ import torch
 from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError
 from model import auto_dtype
-from sample import TextStream, decode_step, load_model, stop_tokens_of
+from sample import TextStream, decode_step, load_model, set_threads, stop_tokens_of
 from tokenizer import CHAT_ROLES, render_chat
 
 # -----------------------------------------------------------------------------
@@ -692,8 +692,7 @@ def main():
     # Every streamed token wakes an HTTP thread; with all cores in torch's pool it preempts one of
     # them mid-step and the whole step waits (2-core CPU, GPT-2 124M, bfloat16: one client got 71
     # tok/s on 2 threads, 96 on 1)
-    if threads or torch.get_num_threads() > 1:
-        torch.set_num_threads(threads or torch.get_num_threads() - 1)
+    set_threads(threads)
     try:
         dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
         loaded = Loaded(init_from, out_dir)
