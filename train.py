@@ -609,7 +609,10 @@ def last_checkpoint():
 
 # logging
 if wandb_log and master_process:
-    import wandb
+    try:
+        import wandb
+    except ImportError:  # not in requirements.txt: only wandb_log needs it
+        fail("wandb_log=True needs wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
