@@ -46,7 +46,7 @@ threads = 0  # CPU threads the model computes on; 0: one fewer than torch's defa
 def set_threads(threads):
     """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
     anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads
-    sampled the quick-start model 28x slower than 1 (README, Threads)."""
+    sampled the quick-start model 1.3-28x slower than 1 (docs/experiments.md, Threads)."""
     if threads or torch.get_num_threads() > 1:
         torch.set_num_threads(threads or torch.get_num_threads() - 1)
 

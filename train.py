@@ -732,7 +732,7 @@ try:
                 print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
             else:
-                rate = bar.format_dict['rate']  # iterations/s smoothed over the last few, evaluations included, as the ETA
+                rate = bar.format_dict['rate']  # iterations/s, smoothed as for the ETA (evaluations included)
                 speed = f", {rate * tokens_per_iter:,.0f} tok/s" if rate else ''
                 bar.set_postfix_str(f"loss {lossf:.4f}{speed}{mfu_text}", refresh=False)
         if bar is not None:
