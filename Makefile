@@ -2,7 +2,7 @@
 .PHONY: install install-cpu install-test demo chat-demo test
 
 # PyTorch: pip's default build (CUDA) where an NVIDIA GPU is visible, else the CPU-only build, which
-# needs no GPU libraries (a 6.0 GB virtualenv against 1.2 GB: README). TORCH_CPU=... sets what
+# needs no GPU libraries (a 1.25 GB virtualenv against 6.03 GB: README). TORCH_CPU=... sets what
 # install-cpu asks pip for (a version pin, a wheel file)
 TORCH_CPU ?= torch --index-url https://download.pytorch.org/whl/cpu
 
