@@ -25,6 +25,7 @@ SEED = os.environ.get('ENGINE_FUZZ_SEED', '')
 VOCAB, TOKENIZER_VOCAB, BLOCK = 40, 38, 16  # ids 38 and 39 are padding: never sampled
 POISON = 37  # a row that feeds this token faults in the model (its prefill, or the step after it is sampled)
 MAX_ROWS, MAX_NEW = 4, 24
+CHUNK = 4  # prefill chunk: small, so that the prefix cache has whole chunks to reuse in these short prompts
 ARCHS = {'learned': {}, 'rope': dict(use_rope=True), 'alibi': dict(use_alibi=True)}
 
 
@@ -71,7 +72,7 @@ def alone(model, row):
     """The row's tokens when it is the engine's only row (to where the row ended, if it was ended early)."""
     by_engine = row.finish_reason in ('length', 'error') or row.tokens[-1] in row.stop_tokens
     copy = copy_of(row, row.max_tokens if by_engine else len(row.tokens))
-    engine = Engine(model, 1, MAX_NEW, vocab_size=TOKENIZER_VOCAB)
+    engine = Engine(model, 1, MAX_NEW, vocab_size=TOKENIZER_VOCAB, prefill_chunk=CHUNK)
     engine.add([copy])
     while engine.rows:
         engine.step()
@@ -122,15 +123,19 @@ def check_row(row):
 def test_random_operations_keep_the_engine_consistent(arch):
     rng = random.Random(f'fuzz-{arch}{SEED}')
     model, clean = make_model(arch)
-    engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=1)
-    live, compared = [], 0
-    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0)
+    def new_engine(prefix_cache_tokens):
+        return Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100),
+                      prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=CHUNK)
+    engine = new_engine(400)
+    live, seen, compared = [], [], 0
+    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0, cached=0)
 
     def ended(rows):
         nonlocal compared
         for row in rows:
             if check_row(row):
                 counts['ended'] += 1
+                seen.append(row)
                 # a row with its own random stream, or a greedy one, samples as it would alone
                 if (row.seed is not None or row.temperature == 0) and row.tokens and compared < OPS // 4:
                     compared += 1
@@ -146,6 +151,10 @@ def test_random_operations_keep_the_engine_consistent(arch):
         free = MAX_ROWS - len(engine.rows)
         if op == 'add' and free:
             rows = [random_row(rng) for _ in range(rng.randint(1, free))]
+            for row in rows:  # like a chat resending its history: a prompt that continues an earlier sequence
+                if seen and rng.random() < 0.5:
+                    earlier = rng.choice(seen)
+                    row.prompt = (earlier.prompt + earlier.tokens)[-BLOCK:] + row.prompt[:rng.randint(1, 3)]
             if len(rows) > 1 and rng.random() < 0.4:  # n samples of one prompt share its prefill
                 rows = [Row(rows[0].prompt, r.max_tokens, temperature=r.temperature, seed=r.seed,
                             logit_bias=r.logit_bias, logprobs=r.logprobs) for r in rows]
@@ -154,6 +163,7 @@ def test_random_operations_keep_the_engine_consistent(arch):
                 engine.add(rows)
                 live += rows
                 counts['add'] += 1
+                counts['cached'] += sum(row.cached_tokens > 0 for row in rows)
             except RuntimeError as e:  # a poisoned prompt: none of them joined
                 assert 'poison' in str(e) and engine.rows == before
                 counts['refused'] += 1
@@ -186,7 +196,7 @@ def test_random_operations_keep_the_engine_consistent(arch):
             for row in list(engine.rows):
                 engine.finish(row, 'model_replaced')
             ended(live)
-            engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100))
+            engine = new_engine(rng.choice([0, 40, 400]))  # a small prefix cache evicts all the time
             counts['reload'] += 1
         elif op == 'score':
             prompt = random_row(rng).prompt
@@ -205,4 +215,4 @@ def test_random_operations_keep_the_engine_consistent(arch):
     while engine.rows:
         ended([r for r in engine.step() if r.finish_reason is not None])
     assert not live or all(r.finish_reason is not None for r in live)
-    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10, counts
+    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10 and counts['cached'], counts
