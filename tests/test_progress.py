@@ -59,26 +59,27 @@ def test_training_draws_a_bar_on_a_terminal(tmp_path):
     assert code == 0, text[-2000:]
     lines = screen_lines(text)
     # the bar: iterations, loss, tok/s and an ETA; no log lines
-    assert re.search(r'training:\s+\d+%\|.*\| \d+/13 \[[\d:]+<[\d:]+, .*loss \d\.\d{4}, [\d,]+ tok/s\]', text), text
+    assert re.search(r'training:\s+\d+%\|.*\| \d+/12 \[[\d:]+<[\d:]+, .*loss \d\.\d{4}, [\d,]+ tok/s\]', text), text
     assert not any(line.startswith('iter ') for line in lines)
     assert 'mfu' not in text  # a CPU, and no peak_flops given
     # the evaluations and checkpoint saves on lines of their own above the bar, and the finished bar last
     steps = [line for line in lines if line.startswith('step ')]
     assert [int(re.fullmatch(r'step (\d+): train loss \d\.\d{4}, val loss \d\.\d{4}(, val bpb [\d.]+)?', line).group(1))
-            for line in steps] == [0, 5, 10], steps
+            for line in steps] == [0, 5, 10, 12], steps
     saves = [line for line in lines if 'saving checkpoint' in line]
     assert saves and all(line == f"saving checkpoint to {tmp_path / 'out'}" for line in saves), saves
-    assert re.match(r'training: 100%\|.*\| 13/13 ', [line for line in lines if line][-1]), lines[-3:]
+    *_, finished, done = [line for line in lines if line]
+    assert re.match(r'training: 100%\|.*\| 12/12 ', finished) and done == f"done: {tmp_path / 'out'}/ckpt.pt holds iteration 12", lines[-3:]
 
 
 def sample_args(tmp_path):
     return [REPO / 'sample.py', f'--out_dir={write_checkpoint(tmp_path / "out-tiny")}', '--device=cpu',
-            '--dtype=float32', '--num_samples=3', '--max_new_tokens=40', '--start=the ', '--seed=3']
+            '--dtype=float32', '--num_samples=3', '--max_new_tokens=300', '--start=the ', '--seed=3']  # long enough to redraw
 
 
 def test_sampling_draws_a_bar_on_a_terminal(tmp_path):
     code, text = run_in_terminal(*sample_args(tmp_path), cwd=REPO)
     assert code == 0, text[-2000:]
-    assert re.search(r'\rsampling:\s+\d+%\|.*\| \d+/120 \[[\d:]+<[\d:]+, +[\d.]+tok/s\]', text), text
+    assert re.search(r'\rsampling:\s+\d+%\|.*\| \d+/900 \[[\d:]+<[\d:]+, +[\d.]+tok/s\]', text), text
     assert 'sampling: ' not in ''.join(screen_lines(text))  # the bar is gone once the samples print
-    assert text.count('---------------') == 3 and '3 x 40 tokens in' in text
+    assert text.count('---------------') == 3 and '3 x 300 tokens in' in text
