@@ -21,6 +21,7 @@ from tokenizer import read_conversations, render_chat
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-chat'  # the model to score (unless url is set)
+init_from = 'resume'  # 'resume' (out_dir), or a transformers directory or hub id to score instead (as sample.py)
 input = 'data/chat/val.jsonl'  # the held-out conversations
 url = ''  # a running serve.py (http://host:port): score through its /v1/chat/completions instead
 limit = 0  # score only the first `limit` conversations (0 = all)
@@ -46,7 +47,7 @@ def read_eval_set(path):
 def answer_locally(conversations):
     """The model's greedy replies, batch_size conversations at a time through the engine."""
     try:
-        model, tokenizer, _ = load_model('resume', out_dir, device, dtype)
+        model, tokenizer, _ = load_model(init_from, out_dir, device, dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
     replies = []
@@ -91,7 +92,8 @@ def main():
     for (messages, reference), reply in wrong[:show_wrong]:
         print(f"wrong: {messages[-1][1]!r}\n  expected {reference!r}\n  got      {reply!r}")
     print(f"accuracy {n - len(wrong)}/{n} = {(n - len(wrong)) / n:.1%} on {input} "
-          f"({'via ' + url + '/v1/chat/completions' if url else out_dir}, greedy, {dt:.1f}s)")
+          f"({'via ' + url + '/v1/chat/completions' if url else out_dir if init_from == 'resume' else init_from}, "
+          f"greedy, {dt:.1f}s)")
 
 
 if __name__ == '__main__':

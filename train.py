@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, tokenizer_from_meta
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -54,7 +54,7 @@ eval_iters = 200
 eval_only = False  # evaluate once, then exit
 eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
 always_save_checkpoint = True  # False: save only when val loss improves
-init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py)
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py) or hub id
 #   | a base model's out_dir (holding ckpt.pt): fine-tune its weights in a new run written to out_dir
 # wandb logging
 wandb_log = False
@@ -79,7 +79,9 @@ rope_theta = 10000.0
 use_alibi = False
 norm = 'layernorm'
 qk_norm = False
-mlp = 'gelu'
+mlp = 'gelu'  # 'gelu' | 'relu2' | 'swiglu' (with use_rope, norm='rmsnorm', bias=False: the Llama architecture)
+intermediate_size = 0  # swiglu's hidden width (0: LLaMA's 8/3 * n_embd, rounded up to a multiple of 256)
+rms_norm_eps = 1e-6
 logit_softcap = 0.0
 tie_embeddings = True
 embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
@@ -111,8 +113,8 @@ peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
 architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
                                                    'n_kv_head', 'use_rope', 'rope_theta', 'use_alibi', 'norm',
-                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings',
-                                                   'embed_norm')}
+                                                   'qk_norm', 'mlp', 'intermediate_size', 'rms_norm_eps',
+                                                   'logit_softcap', 'tie_embeddings', 'embed_norm')}
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
@@ -207,6 +209,17 @@ def dataset_tokenizer():
     return tokenizer_from_meta(meta) if meta else gpt2_tokenizer()  # no meta.pkl: GPT-2's BPE
 
 
+def same_tokenizer(a, b):
+    """Whether two tokenizers give text the same ids: the same one, or (GPT-2's BPE through tiktoken and
+    through a tokenizer.json) the same ids on a text of words, digits, spaces and other scripts."""
+    def ids(tokenizer):
+        try:
+            return tokenizer.encode("It's 1,234.5 -- naïve café, 日本語 🤖\n\n  THE END. ")
+        except ValueError:  # a character vocabulary without these characters
+            return None
+    return a.key == b.key or ids(a) is not None and ids(a) == ids(b)
+
+
 data_dtype = np.dtype(meta.get('dtype', 'uint16'))
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
@@ -273,8 +286,9 @@ best_val_loss = 1e9
 saved_iter = None  # the iteration out_dir/ckpt.pt holds, once this run has loaded or saved one
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
-                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
-                  tie_embeddings=tie_embeddings, embed_norm=embed_norm)
+                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, intermediate_size=intermediate_size,
+                  rms_norm_eps=rms_norm_eps, logit_softcap=logit_softcap, tie_embeddings=tie_embeddings,
+                  embed_norm=embed_norm)
 checkpoint = None
 if init_from == 'scratch':
     if master_process:
@@ -330,16 +344,24 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     except ValueError as e:
         fail(str(e))
     base = None
-elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:  # the architecture comes from the directory's config.json, whatever the settings say
+        if not init_from.startswith('gpt2'):
+            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        if os.path.isdir(init_from) and any(os.path.exists(os.path.join(init_from, f)) for f in ('meta.pkl', 'tokenizer.json')):
+            # a model with its own tokenizer (a Llama model's, export.py's meta.pkl) learns only from data in it
+            if not same_tokenizer(load_tokenizer(init_from), dataset_tokenizer()):
+                raise ValueError(f"{init_from} has another tokenizer than {data_dir}: prepare the data with it (for "
+                                 f"conversations: data/chat/prepare.py --template_from={init_from})")
+            check_vocab(dataset_tokenizer(), model.config.vocab_size)
     except (ValueError, OSError) as e:
         fail(str(e))
 else:
-    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory or a "
-         f"model's out_dir, not '{init_from}'")
+    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory, a hub id "
+         f"(owner/name) or a model's out_dir, not '{init_from}'")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
 elif block_size > model.config.block_size:
@@ -352,10 +374,14 @@ for split in ('train', 'val'):
     if n_tokens <= block_size:
         fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
 if masked:
-    bos = meta['special_tokens']['<|bos|>']
+    bos = meta.get('special_tokens', {}).get('<|bos|>')
     for split in ('train', 'val'):
         data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
-        starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        if bos is not None:
+            starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        else:  # a model's own chat template: prepare.py marks each conversation's first token with a 2 in the mask
+            mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+            starts[split] = np.flatnonzero(mask[:len(data) - block_size] == 2)
         if len(starts[split]) == 0:
             fail(f"{split}.bin has no conversation that starts {block_size}+1 tokens before its end: use a smaller block_size")
 
