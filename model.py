@@ -432,6 +432,9 @@ class GPT(nn.Module):
         print(f"loading weights from pretrained gpt: {name_or_path}")
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path)
         hf, sd_hf = hf_model.config, hf_model.state_dict()
+        if hf.model_type not in ('gpt2', 'nanochat', 'llama'):  # Mistral's sliding window, Qwen2's biases, ...
+            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2', 'nanochat' "
+                             f"and 'llama' models")
         act = hf.activation_function if hf.model_type == 'gpt2' else getattr(hf, 'hidden_act', None)
         # Llama's MLP gates with its activation (SiLU: SwiGLU); GPT-2's and NanoChat's apply theirs to one projection
         known = {'silu': ('swiglu', 'none')} if hf.model_type == 'llama' else HF_ACTIVATIONS
@@ -468,7 +471,7 @@ class GPT(nn.Module):
                 sd[ours + 'mlp.c_fc.weight'] = sd_hf[theirs + 'mlp.fc1.weight']
                 sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.fc2.weight']
                 sd[ours + 'ln_1.weight'] = sd[ours + 'ln_2.weight'] = ones
-        elif hf.model_type == 'llama':
+        else:  # llama
             C, H = hf.hidden_size, hf.num_attention_heads
             rope = hf.rope_parameters or {}
             cannot = [what for what, present in [
@@ -495,9 +498,6 @@ class GPT(nn.Module):
                 sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.down_proj.weight']
                 sd[ours + 'ln_1.weight'] = sd_hf[theirs + 'input_layernorm.weight']
                 sd[ours + 'ln_2.weight'] = sd_hf[theirs + 'post_attention_layernorm.weight']
-        else:
-            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2', 'nanochat' "
-                             f"and 'llama' models")
         model = GPT(config)
         own = model.state_dict()
         if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
@@ -536,12 +536,13 @@ class GPT(nn.Module):
         from muon import Muon
         return Muon([g for g in groups if g['params']])
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, block_size=None):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (A100 bf16 dense is 312e12,
-        H100 SXM bf16 dense ~989e12). FLOPs per token from the PaLM paper's appendix B."""
+        H100 SXM bf16 dense ~989e12), for windows of block_size tokens (default: the model's).
+        FLOPs per token from the PaLM paper's appendix B."""
         cfg = self.config
         N = self.get_num_params()
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, block_size or cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops

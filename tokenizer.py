@@ -331,6 +331,17 @@ def load_tokenizer(out_dir=None, dataset=None):
         raise ValueError(f"{path} is not a valid meta.pkl: {e}") from None
 
 
+def same_tokenizer(a, b):
+    """Whether two tokenizers give text the same ids: the same one, or (GPT-2's BPE through tiktoken and
+    through a tokenizer.json) the same ids on a text of words, digits, spaces and other scripts."""
+    def ids(tokenizer):
+        try:
+            return tokenizer.encode("It's 1,234.5 -- naïve café, 日本語 🤖\n\n  THE END. ")
+        except ValueError:  # a character vocabulary without these characters
+            return None
+    return a.key == b.key or ids(a) is not None and ids(a) == ids(b)
+
+
 def check_vocab(tokenizer, vocab_size):
     """A model and a tokenizer belong together when the model can embed every token id and
     its extra ids are only padding (GPT-2's 50257 is padded to 50304, a multiple of 64): a

@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, tokenizer_from_meta
+from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
+                       tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -209,17 +210,6 @@ def dataset_tokenizer():
     return tokenizer_from_meta(meta) if meta else gpt2_tokenizer()  # no meta.pkl: GPT-2's BPE
 
 
-def same_tokenizer(a, b):
-    """Whether two tokenizers give text the same ids: the same one, or (GPT-2's BPE through tiktoken and
-    through a tokenizer.json) the same ids on a text of words, digits, spaces and other scripts."""
-    def ids(tokenizer):
-        try:
-            return tokenizer.encode("It's 1,234.5 -- naïve café, 日本語 🤖\n\n  THE END. ")
-        except ValueError:  # a character vocabulary without these characters
-            return None
-    return a.key == b.key or ids(a) is not None and ids(a) == ids(b)
-
-
 data_dtype = np.dtype(meta.get('dtype', 'uint16'))
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
@@ -362,8 +352,9 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count
 else:
     fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory, a hub id "
          f"(owner/name) or a model's out_dir, not '{init_from}'")
-if block_size < model.config.block_size:
+if block_size < model.config.block_size and model.config.learned_positions:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
+# a rotary or ALiBi model (SmolLM2: 8192) keeps the context it has: only the windows it trains on here are shorter
 elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
@@ -718,7 +709,7 @@ try:
             # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
             lossf = loss.item() * gradient_accumulation_steps
             if local_iter_num >= 5:  # let the training loop settle a bit
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops, block_size)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""  # measured from the 6th iteration
             print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
