@@ -12,10 +12,15 @@ the same function as our model:
   or embedding norm (every switch at its default), with a GELU or ReLU² MLP and a tied head or not;
 - NanoChatForCausalLM: nanochat's architecture, use_rope with norm='rmsnorm', qk_norm and embed_norm,
   no biases, any n_kv_head, mlp, logit_softcap and head. Our RMSNorm gains fold into the next layer.
+- LlamaForCausalLM: use_rope with norm='rmsnorm', mlp='swiglu' and no biases (no QK-norm, embedding
+  norm or soft-capping), any n_kv_head, rope_theta, intermediate_size and head.
 Anything else stops with the switches that no transformers class computes. A padded vocabulary
-(GPT-2's 50257 padded to 50304) is cut to the tokenizer's size.
---format=gguf writes one llama.cpp file of its GPT-2 architecture, float32, float16 or q8_0 (the gguf
-package, imported only here), tokenizer included.
+(GPT-2's 50257 padded to 50304) is cut to the tokenizer's size. A chat model's tokenizer gets a chat
+template that renders as tokenizer.render_chat; a transformers model's tokenizer (a Llama model
+fine-tuned here) goes out as it came, chat template included.
+--format=gguf writes one llama.cpp file of its GPT-2 architecture (learned positions) or its Llama
+architecture (the Llama switches), float32, float16, q8_0 or q4_0 (the gguf package, imported only
+here), tokenizer and chat template included.
 
 Before the export is put in place it is checked: transformers' (llama.cpp's, when llama-cpp-python is
 installed) logits against ours on a fixed prompt, their greedy continuation against our engine's, their
