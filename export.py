@@ -109,7 +109,8 @@ def to_hf(model, vocab_size=None, eot=None):
                              mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot,
                              pad_token_id=None, architectures=[name])
         # the same weights under its names: its rotary embedding pairs the halves of a head as ours does
-        sd = {'model.embed_tokens.weight': wte, 'model.norm.weight': ours['transformer.ln_f.weight'], 'lm_head.weight': head}
+        sd = {'model.embed_tokens.weight': wte, 'model.norm.weight': ours['transformer.ln_f.weight'],
+              'lm_head.weight': head}
         for i in range(cfg.n_layer):
             h, layer = f'transformer.h.{i}.', f'model.layers.{i}.'
             for x, w in zip('qkv', ours[h + 'attn.c_attn.weight'].split([C, cfg.n_kv_head * hd, cfg.n_kv_head * hd])):
@@ -438,7 +439,7 @@ def write_gguf(model, v, path, dtype='float32', name=''):
         w.add_eos_token_id(v['eot'])
     if '<|assistant_end|>' in v['special']:  # the end of a chat reply: llama.cpp stops there too
         w.add_eot_token_id(v['special']['<|assistant_end|>'])
-    w.add_add_bos_token(bool(v.get('adds_bos')))  # our prompts start with their first token
+    w.add_add_bos_token(bool(v.get('adds_bos')))  # ours start with their first token; Llama 3's with a BOS
     if v.get('chat_template'):
         w.add_chat_template(v['chat_template'])
 
@@ -451,7 +452,8 @@ def write_gguf(model, v, path, dtype='float32', name=''):
         sd = with_biases(sd)
         names = {'ln_1': 'attn_norm', 'attn.c_attn': 'attn_qkv', 'attn.c_proj': 'attn_output', 'ln_2': 'ffn_norm',
                  'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
-        tensors.update({'position_embd.weight': sd['transformer.wpe.weight'], 'output_norm.bias': sd['transformer.ln_f.bias']})
+        tensors.update({'position_embd.weight': sd['transformer.wpe.weight'],
+                        'output_norm.bias': sd['transformer.ln_f.bias']})
         for i in range(cfg.n_layer):
             for ours, theirs in names.items():
                 for kind in ('weight', 'bias'):
@@ -461,15 +463,16 @@ def write_gguf(model, v, path, dtype='float32', name=''):
         q, k, v_ = sd[h + 'attn.c_attn.weight'].split([cfg.n_embd, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
         tensors.update({blk + 'attn_norm.weight': sd[h + 'ln_1.weight'], blk + 'attn_q.weight': interleave_rotary(q, hd),
                         blk + 'attn_k.weight': interleave_rotary(k, hd), blk + 'attn_v.weight': v_,
-                        blk + 'attn_output.weight': sd[h + 'attn.c_proj.weight'], blk + 'ffn_norm.weight': sd[h + 'ln_2.weight'],
-                        blk + 'ffn_down.weight': sd[h + 'mlp.c_proj.weight']})
+                        blk + 'attn_output.weight': sd[h + 'attn.c_proj.weight'],
+                        blk + 'ffn_norm.weight': sd[h + 'ln_2.weight'], blk + 'ffn_down.weight': sd[h + 'mlp.c_proj.weight']})
         tensors[blk + 'ffn_gate.weight'], tensors[blk + 'ffn_up.weight'] = sd[h + 'mlp.c_fc.weight'].chunk(2)
     for key, t in tensors.items():
         # float16 or quantized for the matrices only, as llama.cpp's converter does: norms and biases stay float32;
         # q8_0 and q4_0 pack blocks of 32 along a row, and the position table (a lookup, not a matmul) stays float32.
-        # With q4_0 the embedding and output layer are q8_0, as llama.cpp's own quantizer keeps them finer
+        # With q4_0 the output layer (the embedding, when tied) is q8_0: llama.cpp's own quantizer keeps it finer too
         if dtype in ('q8_0', 'q4_0') and t.dim() == 2 and t.shape[1] % 32 == 0 and key != 'position_embd.weight':
-            kind = 'Q8_0' if dtype == 'q8_0' or key in ('token_embd.weight', 'output.weight') else 'Q4_0'
+            head = 'token_embd.weight' if cfg.tie_embeddings else 'output.weight'
+            kind = 'Q8_0' if dtype == 'q8_0' or key == head else 'Q4_0'
             quant = getattr(gguf.GGMLQuantizationType, kind)
             w.add_tensor(key, gguf.quants.quantize(t.contiguous().numpy(), quant), raw_dtype=quant)
             continue
@@ -579,7 +582,8 @@ def main():
     if format not in ('hf', 'gguf'):
         fail(f"format must be 'hf' or 'gguf', not '{format}'")
     if dtype not in (TORCH_DTYPES if format == 'hf' else GGUF_FILE_TYPES):
-        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16, q8_0 or q4_0'}, not '{dtype}'")
+        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16, q8_0 or q4_0'}, "
+             f"not '{dtype}'")
     try:
         model, checkpoint = load_checkpoint(out_dir)
         meta_path = meta_path_for(out_dir, (checkpoint.get('config') or {}).get('dataset'))

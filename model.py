@@ -5,7 +5,8 @@ By default it is GPT-2: learned position embeddings, pre-LayerNorm blocks, causa
 self-attention, a 4x GELU MLP and an output head tied to the token embedding.
 GPTConfig switches turn on the newer pieces (rotary embeddings, ALiBi, RMSNorm,
 QK-norm, ReLU², SwiGLU, grouped-query attention, logit soft-capping, an untied head, a norm
-after the token embedding; use_rope, rmsnorm, swiglu and no bias together are Llama); each acts in a few lines at the place it matters and
+after the token embedding; use_rope, rmsnorm, swiglu and no biases together are Llama's
+architecture); each acts in a few lines at the place it matters and
 defaults to GPT-2, so every old checkpoint still loads.
 
 Also here: the KV cache that engine.py decodes with, loading transformers' weights and our own

@@ -22,7 +22,7 @@ from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkp
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), a local transformers directory or a hub id
+init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), a local transformers directory, a hub id
 out_dir = 'out'  # ignored unless init_from is 'resume'
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 10  # continuations of the prompt, generated together as one batch

@@ -151,14 +151,18 @@ def hf_tokenizer_meta(path):
         except FileNotFoundError:
             return default
     try:
-        text, config = read('tokenizer.json', parse=False), {**read('special_tokens_map.json', {}), **read('tokenizer_config.json', {})}
+        text = read('tokenizer.json', parse=False)
+        config = {**read('special_tokens_map.json', {}), **read('tokenizer_config.json', {})}
         generation = read('generation_config.json', {})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the tokenizer in {path}: {e}")
     if text is None:
         raise ValueError(f"{path} has no tokenizer.json")
     from tokenizers import Tokenizer as Library
-    n = Library.from_str(text).get_vocab_size(with_added_tokens=True)
+    try:
+        n = Library.from_str(text).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library's own error type
+        raise ValueError(f"{path}/tokenizer.json is not a tokenizer the tokenizers library reads: {e}") from None
     template = read('chat_template.jinja') or config.get('chat_template')
     if isinstance(template, list):  # several named templates: the default one
         template = next((t['template'] for t in template if t.get('name') == 'default'), None)
@@ -188,7 +192,7 @@ def hf_tokenizer(meta):
             table[i] = bytes([int(piece[3:5], 16)])
         elif i in added:
             table[i] = piece.encode('utf-8')
-        elif byte_level:
+        elif byte_level and all(c in unbyte for c in piece):
             table[i] = bytes(unbyte[c] for c in piece)
         else:
             table[i] = piece.replace('\u2581', ' ').encode('utf-8')

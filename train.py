@@ -82,7 +82,7 @@ norm = 'layernorm'
 qk_norm = False
 mlp = 'gelu'  # 'gelu' | 'relu2' | 'swiglu' (with use_rope, norm='rmsnorm', bias=False: the Llama architecture)
 intermediate_size = 0  # swiglu's hidden width (0: LLaMA's 8/3 * n_embd, rounded up to a multiple of 256)
-rms_norm_eps = 1e-6
+rms_norm_eps = 1e-6  # the epsilon of norm='rmsnorm'
 logit_softcap = 0.0
 tie_embeddings = True
 embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
@@ -341,8 +341,8 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count
         if not init_from.startswith('gpt2'):
             init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-        if os.path.isdir(init_from) and any(os.path.exists(os.path.join(init_from, f)) for f in ('meta.pkl', 'tokenizer.json')):
-            # a model with its own tokenizer (a Llama model's, export.py's meta.pkl) learns only from data in it
+        # a model with its own tokenizer (a Llama model's tokenizer.json, export.py's meta.pkl) learns only from data in it
+        if os.path.isdir(init_from) and {'meta.pkl', 'tokenizer.json'} & set(os.listdir(init_from)):
             if not same_tokenizer(load_tokenizer(init_from), dataset_tokenizer()):
                 raise ValueError(f"{init_from} has another tokenizer than {data_dir}: prepare the data with it (for "
                                  f"conversations: data/chat/prepare.py --template_from={init_from})")
@@ -354,7 +354,7 @@ else:
          f"(owner/name) or a model's out_dir, not '{init_from}'")
 if block_size < model.config.block_size and model.config.learned_positions:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
-# a rotary or ALiBi model (SmolLM2: 8192) keeps the context it has: only the windows it trains on here are shorter
+# a rotary or ALiBi model keeps the context it has (a Llama model's: its config's): only its windows here are shorter
 elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}

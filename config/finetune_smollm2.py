@@ -14,8 +14,8 @@ eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False  # only when the val loss improves
 
-# a conversation of the arith task in SmolLM2's template (its default system prompt included) is ~130
-# tokens; every window starts at one. 8 * 4 windows of 256 tokens = 8,192 tokens per iteration
+# every window starts at a conversation (its default system prompt, a question, a reply); the model keeps
+# the context its config.json gives it. 8 * 4 windows of 256 tokens = 8,192 tokens per iteration
 block_size = 256
 batch_size = 8
 gradient_accumulation_steps = 4

@@ -168,7 +168,8 @@ def test_chat_template_renders_as_apply_chat_template(llamas, name):
         assert ids == list(hf.apply_chat_template(as_dicts, tokenize=True, return_dict=False))
         # the loss counts exactly the replies and the template's end of each (a SentencePiece-style
         # tokenizer puts a ▁ before each piece between special tokens: compared without spaces)
-        got, want = ours.decode([i for i, m in zip(ids, mask) if m]), ''.join(c + end for r, c in messages if r == 'assistant')
+        got = ours.decode([i for i, m in zip(ids, mask) if m])
+        want = ''.join(c + end for r, c in messages if r == 'assistant')
         assert got == want if name == 'smol' else ''.join(got.split()) == ''.join(want.split())
     if name == 'llama2':
         with pytest.raises(ValueError, match='refuses this conversation: bad role'):
@@ -338,7 +339,8 @@ def test_nanogpt_generate(one_thread):
     torch.manual_seed(1337)
     y = model.generate(x, 30, temperature=0.8, top_k=10)
     torch.manual_seed(1337)
-    assert y.shape == (2, 35) and torch.equal(y[:, :5], x) and torch.equal(model.generate(x, 30, temperature=0.8, top_k=10), y)
+    again = model.generate(x, 30, temperature=0.8, top_k=10)
+    assert y.shape == (2, 35) and torch.equal(y[:, :5], x) and torch.equal(again, y)
     idx = x.clone()
     with torch.no_grad():
         for _ in range(30):
