@@ -18,8 +18,8 @@ import torch
 from conftest import GPT2_BPE, REPO, SHAKESPEARE, run_script
 import export
 from model import GPT, GPTConfig, load_checkpoint
-from tokenizer import (chat_tokens, gpt2_tokenizer, load_tokenizer, render_chat, same_tokenizer, tokenizer_from_meta,
-                       train_bpe)
+from tokenizer import (chat_tokens, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat, same_tokenizer,
+                       tokenizer_from_meta, train_bpe)
 
 MIXED = ("Hello, world! It's 1,234.5 -- naïve café; DON'T stop.\n\n\tÜnïcödé: 日本語のテキスト, привет, 🤖🎉 "
          "x  \r\n  trailing   <|im_start|> <s> ")
@@ -284,11 +284,23 @@ def test_chat_finetune_of_a_llama_directory(llamas, tmp_path):
     assert 'step 2:' in proc.stdout
     args = torch.load(tmp_path / 'out-ft' / 'ckpt.pt', weights_only=True)['model_args']
     assert args['mlp'] == 'swiglu' and args['block_size'] == 256  # a rotary model keeps its context
-    # the config a user with internet runs reaches the download (offline here: one line)
-    proc = run_script(REPO / 'train.py', REPO / 'config' / 'finetune_smollm2.py', '--device=cpu', '--compile=False',
-                      '--dtype=float32', cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and 'HuggingFaceTB/SmolLM2-135M-Instruct is not a local directory, and cannot be ' \
-        'downloaded' in proc.stderr and 'Traceback' not in proc.stderr
+    # the config a user with internet runs: it names the hub model, which cannot be downloaded here; with
+    # this directory instead and data of another tokenizer, train.py refuses in one line
+    config = {}
+    exec((REPO / 'config' / 'finetune_smollm2.py').read_text(), config)
+    with pytest.raises(ValueError, match='HuggingFaceTB/SmolLM2-135M-Instruct is not a local directory, and cannot be'):
+        pretrained_dir(config['init_from'])
+    chars = tmp_path / 'data' / 'chars'
+    chars.mkdir()
+    with open(chars / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 3, 'itos': dict(enumerate('abc')), 'stoi': {c: i for i, c in enumerate('abc')}}, f)
+    for split in ('train', 'val'):
+        (np.arange(300, dtype=np.uint16) % 3).tofile(chars / f'{split}.bin')
+    proc = run_script(REPO / 'train.py', REPO / 'config' / 'finetune_smollm2.py', f'--init_from={path}',
+                      '--dataset=chars', '--device=cpu', '--compile=False', '--dtype=float32', '--block_size=32',
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and 'has another tokenizer than data/chars' in proc.stderr
+    assert 'Traceback' not in proc.stderr
     # a chat as sample.py --chat, serve.py and chat_eval.py run it: the model's template, and its end of turn stops it
     from sample import generate_text, load_model
     model, tok, _ = load_model('resume', str(tmp_path / 'out-ft'))
@@ -313,8 +325,8 @@ def test_chat_finetune_of_a_llama_directory(llamas, tmp_path):
         assert err <= 1e-3 and same and ids_same
 
 
-def test_a_directory_is_fine_tuned_only_on_data_in_its_tokenizer(llamas):
-    """train.py refuses --init_from=<a directory> with data of another tokenizer (same_tokenizer)."""
+def test_same_tokenizer(llamas):
+    """What train.py checks before fine-tuning a directory's model on a dataset."""
     smol, llama2 = (load_tokenizer(str(llamas[name][0])) for name in ('smol', 'llama2'))
     chars = sorted(set(corpus()))
     char = tokenizer_from_meta({'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}})
