@@ -29,6 +29,7 @@ tokenizer's ids against ours. A float32 transformers export that disagrees is no
 import json
 import os
 import pickle
+import re
 import shutil
 
 import torch
@@ -44,7 +45,7 @@ out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
 format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
 to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
 dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only) | 'q8_0' (gguf only)
-overwrite = False  # replace an existing --to
+overwrite = False  # replace an existing --to, when it is a previous export (never the run itself or other files)
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
 # -----------------------------------------------------------------------------
 
@@ -277,7 +278,12 @@ def write_hf_tokenizer(v, path, block_size):
               'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
     if v['eot'] is not None:
         eot = next(s for s, i in v['special'].items() if i == v['eot'])
-        config.update(bos_token=eot, eos_token=eot)
+        config.update(bos_token=eot, eos_token=eot, pad_token=eot)
+    elif v['kind'] == 'char':
+        # lm-eval-harness and transformers' padding need an eos token: a character vocabulary has no special
+        # token, so its newline (else its first character) ends a text, keeping every id as it is
+        end = b'\n' if b'\n' in v['ranks'] else min(v['ranks'], key=v['ranks'].get)
+        config.update(eos_token=end.decode('utf-8'), pad_token=end.decode('utf-8'))
     if v['kind'] == 'gpt2':
         # GPT-2's own files too, for tools that read them (tokenizer.json is what AutoTokenizer loads)
         config.update(add_prefix_space=False, unk_token='<|endoftext|>')
@@ -578,6 +584,31 @@ def compare(what, model, v, runner, tokenizer=None):
 
 # ---------------------------------------------------------------------------------------------
 
+def check_target(dest):
+    """Refuse a --to that is the model's own out_dir or a folder around it, and with --overwrite anything but
+    a previous export (a transformers directory of its files only, or a GGUF file): nothing else is ever replaced."""
+    source, target = os.path.realpath(out_dir), os.path.realpath(dest)
+    if os.path.commonpath([source, target]) == target:
+        fail(f"--to={dest} holds the model being exported ({out_dir}): choose another --to")
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    if format == 'hf':
+        names = os.listdir(dest) if os.path.isdir(dest) and not os.path.islink(dest) else None
+        previous = names is not None and 'config.json' in names and all(
+            re.fullmatch(r'[\w.-]+\.(json|safetensors|txt|pkl|jinja|model)', n) and os.path.isfile(os.path.join(dest, n))
+            for n in names)
+    else:
+        previous = False
+        if os.path.isfile(dest) and not os.path.islink(dest):
+            with open(dest, 'rb') as f:
+                previous = f.read(4) == b'GGUF'
+    if not previous:
+        fail(f"{dest} is not a previous {'transformers' if format == 'hf' else 'GGUF'} export: --overwrite replaces only "
+             f"those; remove it yourself or choose another --to")
+
+
 def main():
     if format not in ('hf', 'gguf'):
         fail(f"format must be 'hf' or 'gguf', not '{format}'")
@@ -602,8 +633,7 @@ def main():
         fail(f"the tokenizer ({v['kind']}, {v['n']} ids) does not fit the model's vocabulary of "
              f"{model.config.vocab_size}: is meta.pkl missing from the out_dir, or from another dataset?")
     dest = to or os.path.normpath(out_dir) + ('-hf' if format == 'hf' else '.gguf')
-    if os.path.exists(dest) and not overwrite:
-        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    check_target(dest)
 
     # everything goes into a temporary path beside dest, renamed into place once written and checked
     tmp = f"{dest}.tmp-{os.getpid()}"
@@ -634,7 +664,7 @@ def main():
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         else:
             os.replace(tmp, dest)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     finally:
         if os.path.isdir(tmp):

@@ -549,6 +549,17 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
 
+def training_memory(config, batch_size):
+    """Roughly the bytes a training run of this model holds at its peak, for a check before it starts:
+    float32 weights, gradients and AdamW's two moments (16 bytes a parameter), the activations the
+    backward keeps (Korthikanti et al. 2022 count s*b*h*(34 + 5*a*s/h) bytes a layer in 16 bits;
+    doubled for float32) and the logits with their gradient. Counted on the meta device: nothing is allocated."""
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in GPT(config).parameters())
+    s, b, h, a, L, V = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer, config.vocab_size
+    return 16 * n_params + 2 * L * s * b * h * (34 + 5 * a * s / h) + 12 * b * s * V
+
+
 def load_checkpoint(out_dir, device='cpu', dropout=None):
     """A GPT from out_dir/ckpt.pt (written by train.py, or by nanoGPT's) and the rest of the
     checkpoint (optimizer state, iter_num, config, ...). Every script loads through here. A
@@ -563,9 +574,21 @@ def load_checkpoint(out_dir, device='cpu', dropout=None):
         model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
         if dropout is not None:
             model_args['dropout'] = dropout
-        model = GPT(GPTConfig(**model_args))
+        config = GPTConfig(**model_args)
         # nanoGPT's checkpoints of compiled models carry this prefix on every key
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()})
+        state = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
+        # the weights must fit model_args before the model is allocated: model_args alone may ask for terabytes
+        with torch.device('meta'):
+            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+        misfits = [f"{k} is missing" for k in expected if k not in state] + \
+                  [f"{k} is not in the model" for k in state if k not in expected] + \
+                  [f"{k} is {tuple(state[k].shape)}, not {expected[k]}" for k in expected
+                   if k in state and tuple(state[k].shape) != expected[k]]
+        if misfits:
+            raise ValueError(f"its weights do not fit its model_args: {misfits[0]}"
+                             f"{f' (and {len(misfits) - 1} more)' if len(misfits) > 1 else ''}")
+        model = GPT(config)
+        model.load_state_dict(state)
     except Exception as e:  # a truncated file, a pickle that is not plain data, weights of another shape
         raise ValueError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model, checkpoint

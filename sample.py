@@ -5,6 +5,7 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --stream=True
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a prompt, a continuation, repeat
 $ python sample.py --out_dir=out-chat --chat=True   # a multi-turn chat (a model fine-tuned on data/chat)
+$ python sample.py --out_dir=out-shakespeare-char --num_beams=4   # beam search: the best of 4 beams
 
 load_model, TextStream and generate_text are what bench.py and serve.py import: the model and
 its tokenizer from one loader, text out of the one decode engine (engine.py).
@@ -17,7 +18,7 @@ import time
 import torch
 
 from configurator import configure, fail
-from engine import Engine, Row
+from engine import Engine, Row, beam_rows
 from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat
 
@@ -33,6 +34,7 @@ top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probabili
 repetition_penalty = 1.0  # > 1.0 discourages tokens already in the text
 stop = ''  # stop a sample when this text appears (the sample ends just before it); '' = never
 seed = 1337  # sample i draws from its own random stream, seeded with seed + i
+num_beams = 1  # > 1: beam search as transformers' generate(num_beams=...) does; prints its best beam (one sample)
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
 chat = False  # a multi-turn chat: read a message, stream the reply, repeat (rendered as serve.py's chat API does)
@@ -134,7 +136,11 @@ def decode_step(engine):
         piece = ''
         if row.error is None:
             try:
-                piece = row.text.add(row.tokens[-1])
+                if row.beam is not None:  # a beam's tokens change until the search ends: its text comes whole then
+                    tokens = row.tokens if row.finish_reason else []
+                    piece = ''.join(row.text.add(t) for t in tokens)
+                else:
+                    piece = row.text.add(row.tokens[-1])
                 if row.text.stopped:
                     engine.finish(row, 'stop')
                 if row.finish_reason:
@@ -146,18 +152,25 @@ def decode_step(engine):
     return out
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, **settings):
+def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
+                  **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
-    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...)."""
-    rows = [Row(tokenizer.encode_prompt(p) if isinstance(p, str) else p, max_new_tokens, seed=None if seed is None else seed + i,
-                stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
-    engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
+    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
+    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end."""
+    ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
+    if num_beams > 1:
+        beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer)) for p in ids]
+        rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best
+    else:
+        rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,
+                            stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(ids)]
+    engine = Engine(model, len(every), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
                     longest_prompt=max(len(row.prompt) for row in rows))
     index = {id(row): i for i, row in enumerate(rows)}
-    for row in rows:
+    for row in every:
         row.text = TextStream(tokenizer, stop, row.stop_tokens)
-    engine.add(rows)
+    engine.add(every)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -166,7 +179,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
         for row, piece in decode_step(engine):
             if row.error is not None:
                 raise row.error
-            if piece:
+            if piece and id(row) in index:
                 yield index[id(row)], piece
         if bar is not None:
             bar.update(1)
@@ -186,13 +199,16 @@ def main():
                 prompt = f.read()
         except OSError as e:
             fail(f"cannot read prompt file: {e}")
-    if num_samples < 1:
-        fail(f"num_samples must be >= 1, not {num_samples}")
+        except UnicodeDecodeError as e:
+            fail(f"the prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
+    if num_samples < 1 or max_new_tokens < 1 or num_beams < 1:
+        fail(f"num_samples, max_new_tokens and num_beams must be >= 1, not {num_samples}, {max_new_tokens} and {num_beams}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   stop=stop)
+                   stop=stop, num_beams=num_beams)
+    samples = num_samples if num_beams == 1 else 1  # beam search is deterministic: its one best beam
     try:  # the settings and the prompt, checked before any work
         Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty)
+            repetition_penalty=repetition_penalty, seed=seed)
     except ValueError as e:
         fail(str(e))
 
@@ -227,21 +243,22 @@ def main():
 
     if stream:
         # one sample at a time, printed as it decodes
-        for i in range(num_samples):
+        for i in range(samples):
             for _, piece in generate_text(model, tokenizer, [prompt], max_new_tokens, seed=seed + i, **options):
                 print(piece, end='', flush=True)
             print('\n---------------', flush=True)
         return
     t0 = time.time()
-    texts = [''] * num_samples
-    for row, piece in generate_text(model, tokenizer, [prompt] * num_samples, max_new_tokens, seed=seed,
+    texts = [''] * samples
+    for row, piece in generate_text(model, tokenizer, [prompt] * samples, max_new_tokens, seed=seed,
                                     progress=True, **options):
         texts[row] += piece
     dt = time.time() - t0
     for text in texts:
         print(prompt + text)
         print('---------------')
-    print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f}s", file=sys.stderr)
+    print(f"{samples} x {max_new_tokens} tokens in {dt:.2f}s" + (f" ({num_beams} beams)" if num_beams > 1 else ''),
+          file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -294,8 +294,15 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 def read_meta(path):
-    with open(path, 'rb') as f:
-        return _PlainDataUnpickler(f).load()
+    """The dict in a meta.pkl; ValueError (one line) for a file that is not plain data or not whole."""
+    try:
+        with open(path, 'rb') as f:
+            meta = _PlainDataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is not a valid meta.pkl: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a valid meta.pkl: it holds a {type(meta).__name__}, not a dict")
+    return meta
 
 
 def meta_path_for(out_dir=None, dataset=None):
@@ -329,10 +336,11 @@ def load_tokenizer(out_dir=None, dataset=None):
     if path is None:
         return gpt2_tokenizer()
     print(f"Loading meta from {path}...", file=sys.stderr)
+    meta = read_meta(path)
     try:
-        return tokenizer_from_meta(read_meta(path))
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid meta.pkl: {e}") from None
+        return tokenizer_from_meta(meta)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid meta.pkl: {type(e).__name__}: {e}") from None
 
 
 def same_tokenizer(a, b):

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
+from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
 from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
                        tokenizer_from_meta)
 
@@ -120,6 +121,17 @@ configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
 
+# settings that cannot work stop here, before any work, with one line
+problems = [f"{k} must be >= 1, not {globals()[k]}" for k in ('batch_size', 'block_size', 'gradient_accumulation_steps',
+            'eval_interval', 'log_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd') if globals()[k] < 1]
+problems += [f"{k} must be >= 0, not {globals()[k]}" for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_kv_head')
+             if globals()[k] < 0]
+problems += [f"{k} must be a finite number >= 0, not {globals()[k]}" for k in ('learning_rate', 'min_lr', 'muon_lr',
+             'weight_decay', 'grad_clip', 'logit_softcap') if not (math.isfinite(globals()[k]) and globals()[k] >= 0)]
+problems += [f"{k} must be >= 0 and < 1, not {globals()[k]}" for k in ('beta1', 'beta2', 'muon_momentum', 'dropout')
+             if not 0 <= globals()[k] < 1]
+if problems:
+    fail(problems[0])
 try:
     dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
@@ -203,7 +215,10 @@ ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=de
 # data: token files written by data/<dataset>/prepare.py, read through np.memmap
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.pkl')
-meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+try:
+    meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+except ValueError as e:
+    fail(str(e))
 
 
 def dataset_tokenizer():
@@ -231,12 +246,20 @@ def get_batch(split, generator):
         ix = starts[split][torch.randint(len(starts[split]), (batch_size,), generator=generator).numpy()]
     else:
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    window = check_ids(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64), split)
     x, y = torch.from_numpy(window[:, :-1].copy()), masked_targets(split, ix, window[:, 1:])
     if device_type == 'cuda':
         # pin x,y so they move to the GPU asynchronously (non_blocking=True)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def check_ids(window, split):
+    # an id past the model's vocabulary would index past its embedding: a traceback on a CPU, a device assert on a GPU
+    if window.max() >= model_args['vocab_size']:
+        fail(f"{os.path.join(data_dir, split + '.bin')} holds token id {window.max()}, past the model's vocabulary of "
+             f"{model_args['vocab_size']}: was it prepared with another tokenizer? Prepare the dataset again")
+    return window
 
 
 def masked_targets(split, ix, y):
@@ -388,9 +411,7 @@ def tokens_per_byte():
     targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
     if masked:
         targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
-    counts = np.bincount(targets, minlength=len(lengths))[:len(lengths)]
-    n_bytes = int(counts @ lengths)
-    return len(targets) / n_bytes if n_bytes else None
+    return targets_per_byte(targets, lengths)
 
 
 val_tokens_per_byte = tokens_per_byte() if master_process else None
@@ -408,8 +429,15 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
                                        optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
-for group in optimizer.param_groups:
-    group.setdefault('initial_lr', group['lr'])  # the schedule scales each group's own peak rate
+
+
+def set_peak_lrs():
+    # the schedule scales each group's own peak rate: this run's learning_rate, or muon_lr for Muon's matrices
+    for group in optimizer.param_groups:
+        group['initial_lr'] = muon_lr if group.get('use_muon') else learning_rate
+
+
+set_peak_lrs()  # before a resumed state loads too: its groups carry the key
 
 
 def dcp_reason(e):
@@ -448,6 +476,7 @@ elif checkpoint is not None:
 if checkpoint is not None and 'scaler' in checkpoint:
     scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
+set_peak_lrs()  # again: a resumed optimizer state brought the old run's
 
 raw_model = model
 if compile:
@@ -489,21 +518,14 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    n_windows = (len(data) - 1) // block_size
-    total, count = 0.0, 0
+    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked else None
     raw_model.eval()
-    for start in range(0, n_windows, batch_size):
-        ix = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
-        x, y = torch.from_numpy(window[:, :-1]).to(device), masked_targets('val', ix, window[:, 1:]).to(device)
-        n = int((y != -1).sum())
-        if n:  # a window of another role's tokens only has nothing to count
-            with ctx:
-                _, loss = raw_model(x, y)
-            total += loss.item() * n
-            count += n
+    try:
+        loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)
+    except ValueError as e:  # a token id past the vocabulary
+        fail(f"{os.path.join(data_dir, 'val.bin')}: {e}")
     raw_model.train()
-    return total / count
+    return loss
 
 
 def get_lr(it):
@@ -624,6 +646,11 @@ def last_checkpoint():
     return f"{ckpt_path} is as it was before this run" if os.path.exists(ckpt_path) else "no checkpoint was saved"
 
 
+def diverged(what):
+    fail(f"{what} at iteration {iter_num}: training diverged (try a lower learning_rate); stopped before saving it, "
+         f"{last_checkpoint()}")
+
+
 # logging
 if wandb_log and master_process:
     import wandb
@@ -652,9 +679,11 @@ local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = -1.0
 try:
     while True:
+        # every eval_interval iterations, and at the end, the loss is evaluated and a checkpoint written
+        evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
         # dropout masks come from the global RNG: re-seed it from the iteration number at every
         # evaluation (where checkpoints are written) so a resumed run continues exactly
-        if iter_num % eval_interval == 0:
+        if evaluating:
             torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
 
         # set the learning rate of every group for this iteration
@@ -663,8 +692,10 @@ try:
             group['lr'] = group['initial_lr'] * lr / learning_rate
 
         # evaluate the loss on train/val sets and write checkpoints
-        if iter_num % eval_interval == 0 and (master_process or fsdp):  # FSDP: every rank joins every forward
+        if evaluating and (master_process or fsdp):  # FSDP: every rank joins every forward
             losses = estimate_loss()
+            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                diverged(f"the evaluated loss is {float(losses['val'])}")
             if master_process:
                 bpb = f", val bpb {losses['val'] / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
@@ -677,10 +708,11 @@ try:
                     if master_process:
                         print(f"saving checkpoint to {out_dir}")
                     save_checkpoint()
-        if iter_num == 0 and eval_only:
+        if iter_num >= max_iters or (iter_num == 0 and eval_only):
             break
 
         # forward backward update, with gradient accumulation to simulate a larger batch
+        step_loss = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
             # number micro-batches across all ranks: N processes draw the same global batch as one
             X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
@@ -694,6 +726,13 @@ try:
                 logits, loss = model(X, Y)
                 loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
             scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        # a diverged run stops before its non-finite weights can reach a checkpoint (one sync an iteration;
+        # with DDP every rank sees the sum, so they stop together)
+        if ddp:
+            torch.distributed.all_reduce(step_loss)
+        if not math.isfinite(step_loss.item()):
+            diverged(f"the loss is {step_loss.item()}")
         if grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -716,15 +755,13 @@ try:
                   f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
         iter_num += 1
         local_iter_num += 1
-
-        # termination conditions
-        if iter_num > max_iters:
-            break
 except KeyboardInterrupt as e:
     if master_process:
         print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
+if master_process and not eval_only:
+    print(f"done: {last_checkpoint()}")
 if eval_full_val and (master_process or fsdp):
     full_loss = full_val_loss()
     if master_process:

@@ -1,0 +1,208 @@
+"""
+The engine under seeded random sequences of operations: rows join (random prompts, n samples,
+every sampling setting, bad ids), steps run, rows end at any moment (first, middle, last slot),
+faults strike (a poison token fails any row that feeds it), the model is replaced. After each
+operation the invariants hold: nothing escapes, every row ends exactly once with a reason that
+fits it, the cache holds exactly each row's context, and a seeded or greedy row gets the tokens it
+gets alone.
+
+The suite runs a few seconds of it. A longer run by hand:
+$ ENGINE_FUZZ_OPS=40000 ENGINE_FUZZ_SEED=2 python -m pytest -q tests/test_engine_fuzz.py
+"""
+import os
+import random
+
+import pytest
+import torch
+
+from engine import Engine, Row, SettingError
+from model import GPT, GPTConfig, KVCache
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+OPS = int(os.environ.get('ENGINE_FUZZ_OPS', 400))  # per architecture
+SEED = os.environ.get('ENGINE_FUZZ_SEED', '')
+VOCAB, TOKENIZER_VOCAB, BLOCK = 40, 38, 16  # ids 38 and 39 are padding: never sampled
+POISON = 37  # a row that feeds this token faults in the model (its prefill, or the step after it is sampled)
+MAX_ROWS, MAX_NEW = 4, 24
+ARCHS = {'learned': {}, 'rope': dict(use_rope=True), 'alibi': dict(use_alibi=True)}
+
+
+def make_model(arch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=BLOCK, vocab_size=VOCAB, dropout=0.0,
+                          **ARCHS[arch])).eval()
+    clean = model.hidden_states
+
+    def faulty(idx, cache=None):
+        # the prefill sees the prompt but its last token; a step sees each row's newest token
+        if (idx == POISON).any():
+            raise RuntimeError("poison")
+        return clean(idx, cache)
+    model.hidden_states = faulty
+    return model, clean
+
+
+def random_row(rng, max_tokens=None):
+    prompt = [rng.randrange(TOKENIZER_VOCAB) for _ in range(rng.choice([1, 2, 5, 12, 20]))]
+    if rng.random() < 0.7:  # mostly keep the poison out of prompts, or almost every row would fail at once
+        prompt = [t if t != POISON else 0 for t in prompt]
+    settings = dict(temperature=rng.choice([0, 1e-6, 0.5, 1.0, 2.0]), top_k=rng.choice([0, 1, 3, 50]),
+                    top_p=rng.choice([1.0, 0.9, 0.3]), seed=rng.choice([None, rng.randrange(1000)]),
+                    logprobs=rng.choice([None, None, 0, 3]))
+    if rng.random() < 0.3:
+        settings.update(repetition_penalty=rng.choice([0.5, 1.3, 3.0]), presence_penalty=rng.uniform(-2, 2),
+                        frequency_penalty=rng.uniform(-2, 2))
+    if rng.random() < 0.3:
+        settings['logit_bias'] = {rng.randrange(TOKENIZER_VOCAB): rng.uniform(-100, 100) for _ in range(rng.randint(1, 4))}
+    if rng.random() < 0.3:
+        settings['stop_tokens'] = {rng.randrange(TOKENIZER_VOCAB) for _ in range(2)}
+    return Row(prompt, max_tokens or rng.randint(1, MAX_NEW), **settings)
+
+
+def copy_of(row, max_tokens):
+    return Row(row.prompt, max_tokens, temperature=row.temperature, top_k=row.top_k, top_p=row.top_p,
+               repetition_penalty=row.penalties[0], presence_penalty=row.penalties[1],
+               frequency_penalty=row.penalties[2], logit_bias=row.logit_bias, seed=row.seed,
+               stop_tokens=row.stop_tokens, logprobs=row.logprobs)
+
+
+def alone(model, row):
+    """The row's tokens when it is the engine's only row (to where the row ended, if it was ended early)."""
+    by_engine = row.finish_reason in ('length', 'error') or row.tokens[-1] in row.stop_tokens
+    copy = copy_of(row, row.max_tokens if by_engine else len(row.tokens))
+    engine = Engine(model, 1, MAX_NEW, vocab_size=TOKENIZER_VOCAB)
+    engine.add([copy])
+    while engine.rows:
+        engine.step()
+    return copy
+
+
+def check_cache(engine, clean):
+    """Each live row's cache holds the keys and values of its context (everything but the token the
+    next step feeds) as a fresh forward computes them, at the length that context has."""
+    cfg = engine.model.config
+    for slot, row in enumerate(engine.rows):
+        seq = row.prompt[-engine.window:] + row.tokens
+        assert row.next_token == seq[-1]
+        n = engine.cache.lengths[slot]
+        if cfg.learned_positions and len(seq) - 1 > engine.cache.max_len - 1:
+            assert engine.cache.max_len - 1 <= n <= engine.cache.max_len  # slid: the last block's worth
+        else:
+            assert n == len(seq) - 1
+        context = seq[:-1][len(seq) - 1 - n:]
+        if not context:
+            continue
+        fresh = KVCache(cfg, 1, n, engine.device, engine.cache.k[0].dtype)
+        with torch.inference_mode():
+            clean(torch.tensor([context]), cache=fresh)
+        for ours, theirs in zip(engine.cache.k + engine.cache.v, fresh.k + fresh.v):
+            assert torch.allclose(ours[slot, :, :n], theirs[0], atol=1e-5, rtol=1e-4), f"slot {slot}: the cache is not its row's"
+
+
+def check_row(row):
+    """A row that has ended: its reason fits what happened, and it never changes. True the first time."""
+    if hasattr(row, 'ended_as'):
+        assert row.finish_reason == row.ended_as, "a row's finish_reason changed after it ended"
+        return False
+    row.ended_as = row.finish_reason
+    assert len(row.tokens) <= row.max_tokens and all(0 <= t < TOKENIZER_VOCAB for t in row.tokens)
+    if row.logprobs is not None:
+        assert len(row.token_logprobs) == len(row.tokens)
+    if row.finish_reason == 'error':
+        assert row.error is not None
+    elif row.finish_reason == 'length':
+        assert row.error is None and len(row.tokens) == row.max_tokens
+    elif row.finish_reason == 'stop' and row.tokens and row.tokens[-1] in row.stop_tokens:
+        assert row.error is None
+    return True
+
+
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_random_operations_keep_the_engine_consistent(arch):
+    rng = random.Random(f'fuzz-{arch}{SEED}')
+    model, clean = make_model(arch)
+    engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=1)
+    live, compared = [], 0
+    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0)
+
+    def ended(rows):
+        nonlocal compared
+        for row in rows:
+            if check_row(row):
+                counts['ended'] += 1
+                # a row with its own random stream, or a greedy one, samples as it would alone
+                if (row.seed is not None or row.temperature == 0) and row.tokens and compared < OPS // 4:
+                    compared += 1
+                    solo = alone(model, row)
+                    assert solo.tokens == row.tokens, (arch, row.finish_reason, solo.finish_reason)
+                    assert (solo.error is None) == (row.error is None)
+                    if row.logprobs is not None:
+                        for (a, top_a), (b, top_b) in zip(solo.token_logprobs, row.token_logprobs):
+                            assert abs(a - b) < 1e-4 and [t for t, _ in top_a] == [t for t, _ in top_b]
+
+    for _ in range(OPS):
+        op = rng.choices(['add', 'bad', 'step', 'finish', 'reload', 'score'], [3, 0.3, 6, 1.5, 0.1, 0.2])[0]
+        free = MAX_ROWS - len(engine.rows)
+        if op == 'add' and free:
+            rows = [random_row(rng) for _ in range(rng.randint(1, free))]
+            if len(rows) > 1 and rng.random() < 0.4:  # n samples of one prompt share its prefill
+                rows = [Row(rows[0].prompt, r.max_tokens, temperature=r.temperature, seed=r.seed,
+                            logit_bias=r.logit_bias, logprobs=r.logprobs) for r in rows]
+            before = list(engine.rows)
+            try:
+                engine.add(rows)
+                live += rows
+                counts['add'] += 1
+            except RuntimeError as e:  # a poisoned prompt: none of them joined
+                assert 'poison' in str(e) and engine.rows == before
+                counts['refused'] += 1
+        elif op == 'bad':
+            row = random_row(rng)
+            kind = rng.choice(['id', 'bias', 'length', 'too many'])
+            if kind == 'id':
+                row.prompt[rng.randrange(len(row.prompt))] = rng.choice([TOKENIZER_VOCAB, VOCAB, -1, 10 ** 12])
+            elif kind == 'bias':
+                row.logit_bias[TOKENIZER_VOCAB] = 1.0
+            elif kind == 'length':
+                row.max_tokens = rng.choice([0, MAX_NEW + 1])
+            before = list(engine.rows)
+            with pytest.raises((SettingError, RuntimeError)):
+                engine.add([row] * (MAX_ROWS + 1) if kind == 'too many' else [row])
+            assert engine.rows == before
+            counts['refused'] += 1
+        elif op == 'step':
+            touched = engine.step()
+            counts['step'] += 1
+            assert {id(r) for r in touched} <= {id(r) for r in live}
+            ended([r for r in touched if r.finish_reason is not None])
+        elif op == 'finish' and engine.rows:
+            row = rng.choice([engine.rows[0], engine.rows[-1], rng.choice(engine.rows)])
+            engine.finish(row, rng.choice(['stop', 'cancelled']))
+            engine.finish(row, 'twice')  # a second end changes nothing
+            counts['finish'] += 1
+            ended([row])
+        elif op == 'reload':  # a new model: what ran ends, a new engine starts (as serve.py's worker does)
+            for row in list(engine.rows):
+                engine.finish(row, 'model_replaced')
+            ended(live)
+            engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100))
+            counts['reload'] += 1
+        elif op == 'score':
+            prompt = random_row(rng).prompt
+            if POISON in prompt[-engine.window:]:  # (a prompt is cropped to its last window tokens)
+                with pytest.raises(RuntimeError):
+                    engine.prompt_logprobs(prompt, 2)
+            else:
+                entries = engine.prompt_logprobs(prompt, 2)
+                assert len(entries) == len(prompt) and entries[0] is None
+        # the invariants, after every operation
+        assert len({id(r) for r in engine.rows}) == len(engine.rows) <= MAX_ROWS
+        assert all(r.finish_reason is None for r in engine.rows)
+        assert all(r.finish_reason is not None for r in live if r not in engine.rows)
+        live = [r for r in live if r.finish_reason is None]
+        check_cache(engine, clean)
+    while engine.rows:
+        ended([r for r in engine.step() if r.finish_reason is not None])
+    assert not live or all(r.finish_reason is not None for r in live)
+    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10, counts
