@@ -471,7 +471,12 @@ class Engine:
         row.tokens.append(token)
         row.next_token = token
         if row.constraint is not None:
-            row.constraint.advance(token)
+            try:  # the grammar library's fault stays in this row
+                row.constraint.advance(token)
+            except Exception as e:
+                row.error = e
+                self.finish(row, 'error')
+                return
         if row.constraint is not None and row.constraint.done:  # the grammar is complete: nothing may follow
             self.finish(row, 'stop')
         elif token in row.stop_tokens:

@@ -41,7 +41,16 @@ chat = False  # a multi-turn chat: read a message, stream the reply, repeat (ren
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
+threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default (the cores), see set_threads
 # -----------------------------------------------------------------------------
+
+
+def set_threads(threads):
+    """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
+    anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads
+    sampled the quick-start model 1.3-28x slower than 1 (docs/experiments.md, Threads)."""
+    if threads or torch.get_num_threads() > 1:
+        torch.set_num_threads(threads or torch.get_num_threads() - 1)
 
 
 def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
@@ -157,7 +166,8 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
-    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end."""
+    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end.
+    progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     if num_beams > 1:
         beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer)) for p in ids]
@@ -171,23 +181,32 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     for row in every:
         row.text = TextStream(tokenizer, stop, row.stop_tokens)
     engine.add(every)
-    bar = None
-    if progress:
+    total, done, t0, bar = max(1, len(every) * max_new_tokens), 0, time.time(), None
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
+        bar = tqdm(total=total, unit='tok', desc='sampling', leave=False, file=sys.stderr, dynamic_ncols=True)
     while engine.rows:
-        for row, piece in decode_step(engine):
+        stepped = decode_step(engine)
+        for row, piece in stepped:
             if row.error is not None:
                 raise row.error
             if piece and id(row) in index:
                 yield index[id(row)], piece
+        done += len(stepped)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(stepped))
+        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
+            rate = done / max(time.time() - t0, 1e-6)
+            print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
+                  file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
 
 
 def main():
+    if threads < 0:
+        fail(f"threads must be >= 0, not {threads}")
+    set_threads(threads)
     try:
         model, tokenizer, info = load_model(init_from, out_dir, device, dtype, quantize)
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -41,7 +41,7 @@ from configurator import check_value, configure, settings_in
 from engine import Engine, Row, SettingError, beam_rows, embed
 from grammar import FormatError, json_grammar
 from model import GPTConfig, auto_dtype, training_memory
-from sample import TextStream, decode_step, load_model, stop_tokens_of
+from sample import TextStream, decode_step, load_model, set_threads, stop_tokens_of
 from tokenizer import CHAT_ROLES, read_meta, render_chat
 
 # -----------------------------------------------------------------------------
@@ -71,6 +71,10 @@ if __name__ == '__main__':
 HERE = os.path.dirname(os.path.abspath(__file__))  # templates/, config/, data/ and train.py live here
 MAX_STOP = 4  # stop strings a request may give, as OpenAI's API
 DRAIN_BYTES = 64 << 20  # of a body over max_body_bytes, read this much before the 413 (within request_timeout)
+# the page's icon: browsers ask for /favicon.ico on every page, and log a 404 without one
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+           b'fill="#2563eb"/><text x="16" y="23" font-family="sans-serif" font-size="20" font-weight="700" '
+           b'fill="#fff" text-anchor="middle">n</text></svg>')
 
 
 class APIError(Exception):
@@ -115,7 +119,9 @@ class Loaded:
                 'parameters': self.info['parameters'], 'model_args': vars(cfg), 'config': self.info.get('config'),
                 'iter_num': self.info.get('iter_num'), 'best_val_loss': best, 'tokenizer': self.tokenizer.name,
                 'vocab_size': cfg.vocab_size, 'block_size': cfg.block_size, 'device': device, 'dtype': dtype,
-                'quantize': quantize or None}
+                'quantize': quantize or None,
+                # a chat model (its tokenizer renders turns): the page opens on its Chat tab
+                'chat': '<|assistant_start|>' in self.tokenizer.special_tokens}
 
 
 # -----------------------------------------------------------------------------
@@ -751,6 +757,8 @@ class Handler(BaseHTTPRequestHandler):
         json_body = lambda: read_json(self.body)  # noqa: E731
         return {
             ('GET', '/'): self.page,
+            ('GET', '/favicon.ico'): lambda: self.send_json(200, FAVICON, [('Cache-Control', 'max-age=86400')],
+                                                            'image/svg+xml'),
             ('GET', '/health'): self.health,
             ('GET', '/v1/models'): lambda: {'object': 'list', 'data': [dict(
                 id=worker.loaded.name, object='model', created=worker.loaded.created, owned_by='nanogpt')]},
@@ -978,8 +986,7 @@ def main():
     # Every streamed token wakes an HTTP thread; with all cores in torch's pool it preempts one of
     # them mid-step and the whole step waits (2-core CPU, GPT-2 124M, bfloat16: one client got 71
     # tok/s on 2 threads, 96 on 1)
-    if threads or torch.get_num_threads() > 1:
-        torch.set_num_threads(threads or torch.get_num_threads() - 1)
+    set_threads(threads)
     try:
         dtype = auto_dtype(device, dtype)  # resolved once: reloads and /v1/models use the same
     except ValueError as e:

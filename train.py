@@ -110,7 +110,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
 compile = True  # torch.compile the model (PyTorch 2); with no working compiler here: one line, then without
-peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
+peak_flops = 0.0  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12; 0: an A100 on a GPU, no MFU on a CPU
 # -----------------------------------------------------------------------------
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
 architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
@@ -653,7 +653,10 @@ def diverged(what):
 
 # logging
 if wandb_log and master_process:
-    import wandb
+    try:
+        import wandb
+    except ImportError:  # not in requirements.txt: only wandb_log needs it
+        fail("wandb_log=True needs wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
@@ -672,6 +675,36 @@ def interrupted(signum, frame):
 # that arrives during a save takes effect as soon as the checkpoint is whole
 signal.signal(signal.SIGINT, interrupted)
 signal.signal(signal.SIGTERM, interrupted)
+
+
+class AboveTheBar:
+    """stdout or stderr while the progress bar is drawn: each whole line is written above the bar, not through it."""
+
+    def __init__(self, stream, bar):
+        self.stream, self.bar, self.partial = stream, bar, ''
+
+    def write(self, text):
+        lines, newline, self.partial = (self.partial + text).rpartition('\n')
+        if newline:
+            self.bar.clear()
+            self.stream.write(lines + newline)
+            self.stream.flush()
+            self.bar.refresh()
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, ...
+        return getattr(self.stream, name)
+
+
+# progress: on a terminal a bar (loss, tok/s, ETA) with the evaluations printed above it; elsewhere (a file, CI,
+# serve.py's page, which parses them) nanoGPT's log lines
+bar = None
+if master_process and sys.stdout.isatty() and not eval_only:
+    from tqdm import tqdm
+    bar = tqdm(desc='training', total=max_iters, initial=iter_num, unit='it', file=sys.stdout, dynamic_ncols=True)
+    sys.stdout, sys.stderr = AboveTheBar(sys.stdout, bar), AboveTheBar(sys.stderr, bar)
+# MFU means something against a GPU's peak; a CPU's only if the user gives its peak_flops
+mfu_peak = peak_flops or (312e12 if device_type == 'cuda' else 0.0)
 
 # training loop
 t0 = time.time()
@@ -747,18 +780,29 @@ try:
         if iter_num % log_interval == 0 and master_process:
             # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
             lossf = loss.item() * gradient_accumulation_steps
-            if local_iter_num >= 5:  # let the training loop settle a bit
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops, block_size)
+            if local_iter_num >= 5 and mfu_peak:  # let the training loop settle a bit
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, mfu_peak, block_size)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""  # measured from the 6th iteration
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+            if bar is None:
+                print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+            else:
+                rate = bar.format_dict['rate']  # iterations/s, smoothed as for the ETA (evaluations included)
+                speed = f", {rate * tokens_per_iter:,.0f} tok/s" if rate else ''
+                bar.set_postfix_str(f"loss {lossf:.4f}{speed}{mfu_text}", refresh=False)
+        if bar is not None:
+            bar.update(1)
         iter_num += 1
         local_iter_num += 1
 except KeyboardInterrupt as e:
     if master_process:
         print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+finally:
+    if bar is not None:  # the streams as they were, and the finished bar left on screen
+        sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
+        bar.close()
 
 if master_process and not eval_only:
     print(f"done: {last_checkpoint()}")

@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from engine import Engine, Row, SettingError
+from engine import Engine, Row, SettingError, beam_rows
 from model import GPT, GPTConfig, KVCache
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -25,6 +25,7 @@ SEED = os.environ.get('ENGINE_FUZZ_SEED', '')
 VOCAB, TOKENIZER_VOCAB, BLOCK = 40, 38, 16  # ids 38 and 39 are padding: never sampled
 POISON = 37  # a row that feeds this token faults in the model (its prefill, or the step after it is sampled)
 MAX_ROWS, MAX_NEW = 4, 24
+CHUNK = 4  # prefill chunk: small, so that the prefix cache has whole chunks to reuse in these short prompts
 ARCHS = {'learned': {}, 'rope': dict(use_rope=True), 'alibi': dict(use_alibi=True)}
 
 
@@ -43,6 +44,32 @@ def make_model(arch):
     return model, clean
 
 
+class Constraint:
+    """A stand-in for a grammar: only `allowed` ids may come next, and it is complete after `length` of them.
+    An empty set allows nothing (the row fails); fault=True raises when it is advanced (so does the row)."""
+
+    def __init__(self, allowed, length, fault=False):
+        self.allowed, self.length, self.fault, self.taken = allowed, length, fault, []
+
+    def fill_bitmask(self, words):
+        words[:] = 0
+        for t in self.allowed:
+            words[t // 32] |= 1 << (t % 32)
+
+    def advance(self, token):
+        assert token in self.allowed, f"{token} was sampled against the grammar {self.allowed}"
+        self.taken.append(token)
+        if self.fault:
+            raise RuntimeError("grammar fault")
+
+    @property
+    def done(self):
+        return len(self.taken) >= self.length
+
+    def fresh(self):
+        return Constraint(self.allowed, self.length, self.fault)
+
+
 def random_row(rng, max_tokens=None):
     prompt = [rng.randrange(TOKENIZER_VOCAB) for _ in range(rng.choice([1, 2, 5, 12, 20]))]
     if rng.random() < 0.7:  # mostly keep the poison out of prompts, or almost every row would fail at once
@@ -57,6 +84,9 @@ def random_row(rng, max_tokens=None):
         settings['logit_bias'] = {rng.randrange(TOKENIZER_VOCAB): rng.uniform(-100, 100) for _ in range(rng.randint(1, 4))}
     if rng.random() < 0.3:
         settings['stop_tokens'] = {rng.randrange(TOKENIZER_VOCAB) for _ in range(2)}
+    if rng.random() < 0.2:
+        allowed = set() if rng.random() < 0.1 else set(rng.sample(range(TOKENIZER_VOCAB), rng.randint(1, 6)))
+        settings['constraint'] = Constraint(allowed, rng.randint(1, MAX_NEW), fault=rng.random() < 0.1)
     return Row(prompt, max_tokens or rng.randint(1, MAX_NEW), **settings)
 
 
@@ -64,14 +94,15 @@ def copy_of(row, max_tokens):
     return Row(row.prompt, max_tokens, temperature=row.temperature, top_k=row.top_k, top_p=row.top_p,
                repetition_penalty=row.penalties[0], presence_penalty=row.penalties[1],
                frequency_penalty=row.penalties[2], logit_bias=row.logit_bias, seed=row.seed,
-               stop_tokens=row.stop_tokens, logprobs=row.logprobs)
+               stop_tokens=row.stop_tokens, logprobs=row.logprobs, constraint=row.constraint and row.constraint.fresh())
 
 
 def alone(model, row):
     """The row's tokens when it is the engine's only row (to where the row ended, if it was ended early)."""
-    by_engine = row.finish_reason in ('length', 'error') or row.tokens[-1] in row.stop_tokens
+    by_engine = row.finish_reason in ('length', 'error') or row.tokens[-1] in row.stop_tokens or (
+        row.constraint is not None and row.constraint.done)
     copy = copy_of(row, row.max_tokens if by_engine else len(row.tokens))
-    engine = Engine(model, 1, MAX_NEW, vocab_size=TOKENIZER_VOCAB)
+    engine = Engine(model, 1, MAX_NEW, vocab_size=TOKENIZER_VOCAB, prefill_chunk=CHUNK)
     engine.add([copy])
     while engine.rows:
         engine.step()
@@ -107,8 +138,10 @@ def check_row(row):
         return False
     row.ended_as = row.finish_reason
     assert len(row.tokens) <= row.max_tokens and all(0 <= t < TOKENIZER_VOCAB for t in row.tokens)
-    if row.logprobs is not None:
+    if row.logprobs is not None and row.beam is None:
         assert len(row.token_logprobs) == len(row.tokens)
+    if row.constraint is not None:
+        assert set(row.tokens) <= row.constraint.allowed
     if row.finish_reason == 'error':
         assert row.error is not None
     elif row.finish_reason == 'length':
@@ -122,15 +155,22 @@ def check_row(row):
 def test_random_operations_keep_the_engine_consistent(arch):
     rng = random.Random(f'fuzz-{arch}{SEED}')
     model, clean = make_model(arch)
-    engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=1)
-    live, compared = [], 0
-    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0)
+    def new_engine(prefix_cache_tokens):
+        return Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100),
+                      prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=CHUNK)
+    engine = new_engine(400)
+    live, seen, compared = [], [], 0
+    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0, cached=0, beams=0)
 
     def ended(rows):
         nonlocal compared
         for row in rows:
             if check_row(row):
                 counts['ended'] += 1
+                seen.append(row)
+                if row.beam is not None:
+                    beam_ended(row.beam)
+                    continue
                 # a row with its own random stream, or a greedy one, samples as it would alone
                 if (row.seed is not None or row.temperature == 0) and row.tokens and compared < OPS // 4:
                     compared += 1
@@ -141,11 +181,32 @@ def test_random_operations_keep_the_engine_consistent(arch):
                         for (a, top_a), (b, top_b) in zip(solo.token_logprobs, row.token_logprobs):
                             assert abs(a - b) < 1e-4 and [t for t, _ in top_a] == [t for t, _ in top_b]
 
+    def beam_ended(group):
+        """A beam search that ends of itself ends all its rows in one step, each as the same search alone."""
+        nonlocal compared
+        reasons = [r.finish_reason for r in group.rows]
+        by_caller = any(getattr(r, 'ended_by_caller', False) for r in group.rows)
+        if any(reason in ('stop', 'length') for reason in reasons) and not by_caller and not hasattr(group, 'checked'):
+            group.checked = True
+            assert all(reason in ('stop', 'length') for reason in reasons) and not set(group.rows) & set(engine.rows), reasons
+            solo = beam_rows(group.rows[0].prompt, len(group.rows), group.max_tokens, group.stop_tokens)
+            alone_engine = Engine(model, len(solo), MAX_NEW, vocab_size=TOKENIZER_VOCAB, prefill_chunk=CHUNK)
+            alone_engine.add(solo)
+            while alone_engine.rows:
+                alone_engine.step()
+            assert [r.tokens for r in solo] == [r.tokens for r in group.rows]
+            compared += 1
+            counts['beams'] += 1
+
     for _ in range(OPS):
-        op = rng.choices(['add', 'bad', 'step', 'finish', 'reload', 'score'], [3, 0.3, 6, 1.5, 0.1, 0.2])[0]
+        op = rng.choices(['add', 'beam', 'bad', 'step', 'finish', 'reload', 'score'], [3, 0.4, 0.3, 6, 1.5, 0.1, 0.2])[0]
         free = MAX_ROWS - len(engine.rows)
         if op == 'add' and free:
             rows = [random_row(rng) for _ in range(rng.randint(1, free))]
+            for row in rows:  # like a chat resending its history: a prompt that continues an earlier sequence
+                if seen and rng.random() < 0.5:
+                    earlier = rng.choice(seen)
+                    row.prompt = (earlier.prompt + earlier.tokens)[-BLOCK:] + row.prompt[:rng.randint(1, 3)]
             if len(rows) > 1 and rng.random() < 0.4:  # n samples of one prompt share its prefill
                 rows = [Row(rows[0].prompt, r.max_tokens, temperature=r.temperature, seed=r.seed,
                             logit_bias=r.logit_bias, logprobs=r.logprobs) for r in rows]
@@ -154,9 +215,18 @@ def test_random_operations_keep_the_engine_consistent(arch):
                 engine.add(rows)
                 live += rows
                 counts['add'] += 1
+                counts['cached'] += sum(row.cached_tokens > 0 for row in rows)
             except RuntimeError as e:  # a poisoned prompt: none of them joined
                 assert 'poison' in str(e) and engine.rows == before
                 counts['refused'] += 1
+        elif op == 'beam' and free >= 2:
+            row = random_row(rng)
+            rows = beam_rows(row.prompt, rng.randint(2, free), row.max_tokens, row.stop_tokens)
+            try:
+                engine.add(rows)
+                live += rows
+            except RuntimeError as e:
+                assert 'poison' in str(e)
         elif op == 'bad':
             row = random_row(rng)
             kind = rng.choice(['id', 'bias', 'length', 'too many'])
@@ -178,7 +248,8 @@ def test_random_operations_keep_the_engine_consistent(arch):
             ended([r for r in touched if r.finish_reason is not None])
         elif op == 'finish' and engine.rows:
             row = rng.choice([engine.rows[0], engine.rows[-1], rng.choice(engine.rows)])
-            engine.finish(row, rng.choice(['stop', 'cancelled']))
+            engine.finish(row, rng.choice(['stop', 'cancelled']))  # a stop string, a client gone
+            row.ended_by_caller = True
             engine.finish(row, 'twice')  # a second end changes nothing
             counts['finish'] += 1
             ended([row])
@@ -186,7 +257,7 @@ def test_random_operations_keep_the_engine_consistent(arch):
             for row in list(engine.rows):
                 engine.finish(row, 'model_replaced')
             ended(live)
-            engine = Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100))
+            engine = new_engine(rng.choice([0, 40, 400]))  # a small prefix cache evicts all the time
             counts['reload'] += 1
         elif op == 'score':
             prompt = random_row(rng).prompt
@@ -205,4 +276,4 @@ def test_random_operations_keep_the_engine_consistent(arch):
     while engine.rows:
         ended([r for r in engine.step() if r.finish_reason is not None])
     assert not live or all(r.finish_reason is not None for r in live)
-    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10, counts
+    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10 and counts['cached'] and counts['beams'], counts
