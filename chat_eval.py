@@ -347,7 +347,8 @@ def load():
                  f"was started): {e}")
         block_size = served['block_size']
     if mode == 'auto':
-        mode = 'chat' if tokenizer is None or '<|assistant_start|>' in tokenizer.special_tokens else 'base'
+        mode = ('chat' if tokenizer is None or '<|assistant_start|>' in tokenizer.special_tokens
+                or tokenizer.chat_template is not None else 'base')  # a Llama model's own template
 
 
 def main():

@@ -20,10 +20,10 @@ import torch
 from configurator import configure, fail
 from engine import Engine, Row, beam_rows
 from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
+init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), a local transformers directory, a hub id
 out_dir = 'out'  # ignored unless init_from is 'resume'
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 10  # continuations of the prompt, generated together as one batch
@@ -64,12 +64,16 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
         info.pop('optimizer', None)
         info['source'] = os.path.join(out_dir, 'ckpt.pt')
         tokenizer = load_tokenizer(out_dir, (info.get('config') or {}).get('dataset'))
-    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
+        if not init_from.startswith('gpt2'):
+            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M-Instruct'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
         info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
-        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()  # export.py leaves meta.pkl
+        # export.py leaves meta.pkl; a Llama model has its tokenizer.json
+        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()
     else:
-        raise ValueError(f"init_from must be 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
+        raise ValueError(f"init_from must be 'resume', a gpt2 name, a local transformers directory or a hub id "
+                         f"(owner/name), not '{init_from}'")
     check_vocab(tokenizer, model.config.vocab_size)
     info['parameters'] = model.get_num_params()  # counted before for_inference swaps the Linears out
     return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
@@ -124,10 +128,11 @@ class TextStream:
 
 
 def stop_tokens_of(tokenizer):
-    """The ids that end a generation: <|endoftext|>, and a chat model's <|assistant_end|> (and
-    <|bos|>, which only ever starts a new conversation)."""
+    """The ids that end a generation: <|endoftext|> (a transformers model's eos_token), and a chat
+    model's <|assistant_end|> (and <|bos|>, which only ever starts a new conversation), and those a
+    transformers model's generation_config.json names."""
     chat = [tokenizer.special_tokens[name] for name in ('<|assistant_end|>', '<|bos|>') if name in tokenizer.special_tokens]
-    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat
+    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat + tokenizer.stop_ids
 
 
 def decode_step(engine):

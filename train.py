@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint
 from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
+from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
+                       tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -55,7 +56,7 @@ eval_iters = 200
 eval_only = False  # evaluate once, then exit
 eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
 always_save_checkpoint = True  # False: save only when val loss improves
-init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py)
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py) or hub id
 #   | a base model's out_dir (holding ckpt.pt): fine-tune its weights in a new run written to out_dir
 # wandb logging
 wandb_log = False
@@ -80,7 +81,9 @@ rope_theta = 10000.0
 use_alibi = False
 norm = 'layernorm'
 qk_norm = False
-mlp = 'gelu'
+mlp = 'gelu'  # 'gelu' | 'relu2' | 'swiglu' (with use_rope, norm='rmsnorm', bias=False: the Llama architecture)
+intermediate_size = 0  # swiglu's hidden width (0: LLaMA's 8/3 * n_embd, rounded up to a multiple of 256)
+rms_norm_eps = 1e-6  # the epsilon of norm='rmsnorm'
 logit_softcap = 0.0
 tie_embeddings = True
 embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
@@ -112,8 +115,8 @@ peak_flops = 0.0  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12; 0: an 
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
 architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
                                                    'n_kv_head', 'use_rope', 'rope_theta', 'use_alibi', 'norm',
-                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings',
-                                                   'embed_norm')}
+                                                   'qk_norm', 'mlp', 'intermediate_size', 'rms_norm_eps',
+                                                   'logit_softcap', 'tie_embeddings', 'embed_norm')}
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
@@ -296,8 +299,9 @@ best_val_loss = 1e9
 saved_iter = None  # the iteration out_dir/ckpt.pt holds, once this run has loaded or saved one
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
-                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
-                  tie_embeddings=tie_embeddings, embed_norm=embed_norm)
+                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, intermediate_size=intermediate_size,
+                  rms_norm_eps=rms_norm_eps, logit_softcap=logit_softcap, tie_embeddings=tie_embeddings,
+                  embed_norm=embed_norm)
 checkpoint = None
 if init_from == 'scratch':
     if master_process:
@@ -353,18 +357,27 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     except ValueError as e:
         fail(str(e))
     base = None
-elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:  # the architecture comes from the directory's config.json, whatever the settings say
+        if not init_from.startswith('gpt2'):
+            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        # a model with its own tokenizer (a Llama model's tokenizer.json, export.py's meta.pkl) learns only from data in it
+        if os.path.isdir(init_from) and {'meta.pkl', 'tokenizer.json'} & set(os.listdir(init_from)):
+            if not same_tokenizer(load_tokenizer(init_from), dataset_tokenizer()):
+                raise ValueError(f"{init_from} has another tokenizer than {data_dir}: prepare the data with it (for "
+                                 f"conversations: data/chat/prepare.py --template_from={init_from})")
+            check_vocab(dataset_tokenizer(), model.config.vocab_size)
     except (ValueError, OSError) as e:
         fail(str(e))
 else:
-    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory or a "
-         f"model's out_dir, not '{init_from}'")
-if block_size < model.config.block_size:
+    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory, a hub id "
+         f"(owner/name) or a model's out_dir, not '{init_from}'")
+if block_size < model.config.block_size and model.config.learned_positions:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
+# a rotary or ALiBi model keeps the context it has (a Llama model's: its config's): only its windows here are shorter
 elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
@@ -375,10 +388,14 @@ for split in ('train', 'val'):
     if n_tokens <= block_size:
         fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
 if masked:
-    bos = meta['special_tokens']['<|bos|>']
+    bos = meta.get('special_tokens', {}).get('<|bos|>')
     for split in ('train', 'val'):
         data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
-        starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        if bos is not None:
+            starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        else:  # a model's own chat template: prepare.py marks each conversation's first token with a 2 in the mask
+            mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+            starts[split] = np.flatnonzero(mask[:len(data) - block_size] == 2)
         if len(starts[split]) == 0:
             fail(f"{split}.bin has no conversation that starts {block_size}+1 tokens before its end: use a smaller block_size")
 
@@ -764,7 +781,7 @@ try:
             # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
             lossf = loss.item() * gradient_accumulation_steps
             if local_iter_num >= 5 and mfu_peak:  # let the training loop settle a bit
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, mfu_peak)
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, mfu_peak, block_size)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""  # measured from the 6th iteration
             if bar is None:
