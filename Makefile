@@ -1,16 +1,26 @@
 # The quick start. Each recipe line is a plain command you can also type yourself.
-.PHONY: install install-test demo chat-demo tool-demo rl-demo test
+.PHONY: install install-cpu install-test demo chat-demo tool-demo rl-demo test
+
+# PyTorch: pip's default build (CUDA) where an NVIDIA GPU is visible, else the CPU-only build, which
+# needs no GPU libraries (a 1.25 GB virtualenv against 6.03 GB: README). TORCH_CPU=... sets what
+# install-cpu asks pip for (a version pin, a wheel file)
+TORCH_CPU ?= torch --index-url https://download.pytorch.org/whl/cpu
 
 install:
+	if nvidia-smi -L >/dev/null 2>&1; then pip install -r requirements.txt; else $(MAKE) install-cpu; fi
+
+install-cpu:
+	pip install $(TORCH_CPU)
 	pip install -r requirements.txt
 
 install-test: install
 	pip install -r requirements-test.txt
 
-# prepare tiny Shakespeare, train the CPU config (a few minutes on a laptop), sample from it
+# prepare tiny Shakespeare, train the CPU config (a few minutes on a laptop), sample from it. One thread
+# for training a model this small: on a busy 2-core machine 2 threads were 3-6x slower (README, Threads)
 demo: install
 	python data/shakespeare_char/prepare.py
-	python train.py config/train_shakespeare_char_cpu.py
+	OMP_NUM_THREADS=1 python train.py config/train_shakespeare_char_cpu.py
 	python sample.py --out_dir=out-shakespeare-char --device=cpu --num_samples=3 --max_new_tokens=300
 
 # build the chat task, train a chat model on it (minutes on 2 CPU cores), score it on held-out questions.

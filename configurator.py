@@ -67,7 +67,10 @@ def settings_in(path):
             try:
                 settings[node.targets[0].id] = ast.literal_eval(value)
             except ValueError:
-                pass
+                # arithmetic on literals (gradient_accumulation_steps = 5 * 8) is a default too
+                if all(isinstance(n, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.operator, ast.unaryop))
+                       for n in ast.walk(value)):
+                    settings[node.targets[0].id] = eval(compile(ast.Expression(value), path, 'eval'), {'__builtins__': {}})
     return settings
 
 

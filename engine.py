@@ -6,8 +6,13 @@ settings, every row in one vectorised call. sample.py, bench.py and serve.py all
 through it.
 
 It knows nothing about text: prompts and outputs are token ids. Stop *strings* are the
-caller's (sample.py's TextStream spots them and calls Engine.finish), and so are tools: the
-caller queues a tool's output on row.forced, which the next steps feed instead of sampling.
+caller's (sample.py's TextStream spots them and calls Engine.finish), and so are a grammar (a
+row's `constraint`, grammar.py's JSON matcher, only says which ids it allows next) and tools (the
+caller queues a tool's output on row.forced, which the next steps feed instead of sampling).
+
+With prefix_cache_tokens > 0 the engine keeps the keys and values of sequences that ended (up
+to that many tokens, least recently used out first), and a new prompt that starts with tokens
+a running or a remembered row holds copies their keys and values and prefills only the rest.
 
     engine = Engine(model, max_rows=4, max_new_tokens=100)
     engine.add([Row(prompt_ids, max_tokens=100, temperature=0.8, top_k=200, seed=1)])
@@ -16,7 +21,7 @@ caller queues a tool's output on row.forced, which the next steps feed instead o
             print(row.tokens[-1])
 """
 import random
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 
@@ -43,19 +48,21 @@ class Row:
     once per seen token / per occurrence. logit_bias: {token id: value added to its logit}.
     seed: the row's own random stream (else the engine's). stop_tokens: ids that end the row
     (the id is kept in tokens, finish_reason 'stop'). logprobs: None, or how many of the most
-    likely alternatives to record with each sampled token's log probability.
+    likely alternatives to record with each sampled token's log probability. constraint: None, or
+    an object that fills a bitmask of the ids allowed next (fill_bitmask(int32 words)), takes each
+    chosen id (advance(id)) and says when it can take no more (done: the row ends, 'stop').
     forced: ids the caller queues for the next steps to feed instead of sampling (a calculator's
     output); they join tokens like any other but are not the model's choice: sampled is False for
     them and they get no logprobs entry."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, stop_tokens=(),
-                 logprobs=None):
+                 logprobs=None, constraint=None):
         positive = ('top_p', 'repetition_penalty')  # these may not be 0 itself
         for name, value, kind, lo, hi in [  # a bool is no number here; an int is a float
-                ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, None),
-                ('top_k', top_k, int, 0, None), ('top_p', top_p, float, 0, 1),
-                ('repetition_penalty', repetition_penalty, float, 0, None), ('seed', seed, int, 0, None),
+                ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, 1e6),
+                ('top_k', top_k, int, 0, 2 ** 31 - 1), ('top_p', top_p, float, 0, 1),
+                ('repetition_penalty', repetition_penalty, float, 0, 1e6), ('seed', seed, int, 0, 2 ** 64 - 1),
                 ('presence_penalty', presence_penalty, float, -2, 2), ('frequency_penalty', frequency_penalty, float, -2, 2),
                 ('logprobs', logprobs, int, 0, 20)]:
             if value is None and name in ('seed', 'logprobs'):
@@ -75,7 +82,7 @@ class Row:
         self.penalties = (repetition_penalty, presence_penalty, frequency_penalty)
         self.uses_penalties = self.penalties != (1.0, 0.0, 0.0)
         self.logit_bias, self.stop_tokens, self.logprobs = dict(logit_bias or {}), set(stop_tokens), logprobs
-        self.rng = random.Random(seed) if seed is not None else None
+        self.seed, self.rng = seed, random.Random(seed) if seed is not None else None
         self.tokens = []  # generated so far
         self.sampled = []  # for each of tokens: True where the model sampled it, False where it was forced
         self.forced = deque()  # ids the next steps take instead of sampling, queued by the caller
@@ -83,6 +90,36 @@ class Row:
         self.next_token = None  # the token the next step feeds (the prompt's last, then each new one)
         self.finish_reason = None  # 'length' | 'stop' | 'error' | whatever the caller's finish() says
         self.error = None  # the exception, when finish_reason is 'error'
+        self.constraint = constraint
+        self.beam = None  # the Beams this row is one beam of (beam_rows), else None
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        self.kv_start = 0  # the cache holds (prompt + tokens)[kv_start:]: > 0 once cropped or slid
+        self.prefilled = 0  # its first positions computed in whole prefill chunks: what may be reused
+
+
+class Beams:
+    """num_beams rows searching together (beam_rows makes them): transformers' beam search with its
+    defaults (length_penalty 1, early_stopping False). Each step every beam's log probabilities add
+    to its score; the best 2 x num_beams continuations (more with several stop tokens) are ranked;
+    those among the first num_beams that end (a stop token, or max_tokens) become hypotheses scored
+    by sum / length, the best others continue. It ends when num_beams hypotheses are in and the best
+    running beam, at its length, scores no better than the worst of them, or when nothing can
+    continue. Then row i holds the i-th best hypothesis, and all leave the engine together."""
+
+    def __init__(self, rows, max_tokens, stop_tokens):
+        self.rows, self.max_tokens, self.stop_tokens = rows, max_tokens, set(stop_tokens)
+        self.scores = [0.0] + [-1e9] * (len(rows) - 1)  # at first all beams are the same: only one counts
+        self.hypotheses = []  # (score, tokens), best first, at most num_beams
+        self.generated = 0
+
+
+def beam_rows(prompt, num_beams, max_tokens, stop_tokens=()):
+    """The engine rows of one beam search over `prompt` (add them together)."""
+    rows = [Row(prompt, max_tokens, temperature=0, stop_tokens=stop_tokens) for _ in range(num_beams)]
+    group = Beams(rows, max_tokens, stop_tokens)
+    for row in rows:
+        row.beam = group
+    return rows
 
 
 class Engine:
@@ -91,9 +128,22 @@ class Engine:
     The cache is sized once: block_size positions for a model with learned positions (a full
     row slides its window, as nanoGPT's crop does), block_size + max_new_tokens for rotary and
     ALiBi models (which read past block_size). Every prompt is cropped to its last block_size
-    tokens. Token ids >= vocab_size (a padded vocabulary's extra rows) are never sampled."""
+    tokens. Token ids >= vocab_size (a padded vocabulary's extra rows) are never sampled.
 
-    def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None):
+    Prompts prefill in chunks of prefill_chunk tokens at fixed positions (0, c, 2c, ...): a chunk's
+    keys and values then come out bit for bit the same whichever request computed them, and only
+    those whole chunks are reused. Positions computed otherwise (a last partial chunk, decode steps)
+    are computed again: in bfloat16 their rounding differs enough to flip a near-tie later on.
+
+    The prefix cache matches those chunks by their tokens, longest common prefix first, against the
+    rows running and a least-recently-used list of sequences that ended (not blocks hashed by their
+    prefix, as vLLM's paged cache needs: ours is one dense tensor per layer, so reuse is a copy of
+    positions 0..m-1 either way, and a list of token lists finds the longest match in a few lines).
+    A sequence supersedes the remembered ones it starts with (a chat's next turn replaces its last),
+    so a long chat holds one copy of its history, not one a turn."""
+
+    def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None,
+                 prefix_cache_tokens=0, prefill_chunk=64):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
         weight = model.transformer.wte.weight  # the model's float dtype even when its Linears are int8
@@ -115,6 +165,9 @@ class Engine:
         self.rows = []
         self.counts = None  # (max_rows, vocab) token counts, made when a row first uses a penalty
         self.bias = None  # (max_rows, vocab) logit_bias, made when a row first uses one
+        self.allowed = None  # (max_rows, vocab / 32) int32 bitmasks of the constrained rows, made when first used
+        self.prefix_cache_tokens, self.prefill_chunk = prefix_cache_tokens, prefill_chunk
+        self.saved = OrderedDict()  # token tuple -> its keys and values (layers, 2, kv heads, tokens, head size); LRU first
 
     # --- joining and leaving ---
 
@@ -131,24 +184,32 @@ class Engine:
             if bad:
                 raise SettingError('prompt' if bad[0] in row.prompt else 'logit_bias',
                                    f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
-            if row.max_tokens > self.max_new_tokens:
-                raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; the limit is {self.max_new_tokens}")
+            if not 1 <= row.max_tokens <= self.max_new_tokens:  # a row always generates its first token
+                raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; it must be 1 to {self.max_new_tokens}")
             if self.window < self.model.config.block_size and len(row.prompt) > self.window:
                 raise SettingError('prompt', f"the prompt has {len(row.prompt)} tokens; this engine takes {self.window}")
         groups = {}  # each distinct (cropped) prompt and its rows, in order
         for row in rows:
             groups.setdefault(tuple(row.prompt[-self.window:]), []).append(row)
         prompts = list(groups)
+        # a prompt whose start the prefix cache holds gets those positions copied in; its prefill starts there
+        starts = [self._reuse(n + i, p) if self.prefix_cache_tokens else 0 for i, p in enumerate(prompts)]
         # The cache holds all of a prompt but its last token, which the next step feeds like any
         # other row's newest token: every step is then one token per row.
-        batches = [list(range(len(prompts)))] if len({len(p) for p in prompts}) == 1 else [[i] for i in range(len(prompts))]
+        same = len({(len(p), start) for p, start in zip(prompts, starts)}) == 1
+        batches = [list(range(len(prompts)))] if same else [[i] for i in range(len(prompts))]
         for batch in batches:
             view = self.cache.rows(n + batch[0], n + batch[-1] + 1)
-            view.lengths = [0] * len(batch)
-            if len(prompts[batch[0]]) > 1:
-                idx = torch.tensor([prompts[i][:-1] for i in batch], device=self.device)
+            start, end = starts[batch[0]], len(prompts[batch[0]]) - 1
+            view.lengths = [start] * len(batch)
+            for at in range(start, end, self.prefill_chunk):  # start is a chunk's first position
+                idx = torch.tensor([prompts[i][at:min(at + self.prefill_chunk, end)] for i in batch], device=self.device)
                 self.model.hidden_states(idx, cache=view)
             self.cache.lengths[n + batch[0]:n + batch[-1] + 1] = view.lengths
+        for i, group in enumerate(groups.values()):
+            for row in group:
+                row.cached_tokens, row.kv_start = starts[i], len(row.prompt) - len(prompts[i])
+                row.prefilled = (len(prompts[i]) - 1) // self.prefill_chunk * self.prefill_chunk
         placed = [group[0] for group in groups.values()] + [row for group in groups.values() for row in group[1:]]
         source = {id(row): n + i for i, group in enumerate(groups.values()) for row in group}
         for slot, row in enumerate(placed, start=n):
@@ -178,6 +239,8 @@ class Engine:
     def finish(self, row, reason):
         """End a row (a stop string, a client gone, ...): it leaves the engine now."""
         row.finish_reason = row.finish_reason or reason
+        if self.prefix_cache_tokens and row in self.rows and row.error is None and row.beam is None:
+            self._remember(row, self.rows.index(row))
         if row in self.rows:
             slot, last = self.rows.index(row), len(self.rows) - 1
             if slot != last:  # move the last row into the freed slot, so rows stay 0..n-1
@@ -187,6 +250,58 @@ class Engine:
                         table[slot] = table[last]
                 self.rows[slot] = self.rows[last]
             self.rows.pop()
+
+    # --- the prefix cache ---
+
+    def _held(self, row, slot):
+        """The tokens whose keys and values row `slot` of the cache holds, at positions 0, 1, ..."""
+        return (row.prompt + row.tokens)[row.kv_start:row.kv_start + self.cache.lengths[slot]]
+
+    def _reuse(self, slot, prompt):
+        """Copy into row `slot` the keys and values of the longest start of prompt[:-1] (the part
+        a prefill computes), in whole chunks, that a running row or a remembered sequence holds;
+        its length."""
+        want, best, source = list(prompt[:-1]), 0, None
+        whole = lambda m: m // self.prefill_chunk * self.prefill_chunk  # noqa: E731
+        for i, row in enumerate(self.rows):
+            m = whole(common_prefix(self._held(row, i)[:row.prefilled], want)) if row.beam is None else 0
+            if m > best:
+                best, source = m, i
+        for tokens, kv in self.saved.items():
+            m = whole(common_prefix(tokens, want))
+            if m > best:
+                best, source = m, tokens
+        for layer, (k, v) in enumerate(zip(self.cache.k, self.cache.v)):
+            if isinstance(source, int):
+                k[slot, :, :best], v[slot, :, :best] = k[source, :, :best], v[source, :, :best]
+            elif source is not None:
+                k[slot, :, :best], v[slot, :, :best] = self.saved[source][layer, :, :, :best]
+        if isinstance(source, tuple):
+            self.saved.move_to_end(source)
+        return best
+
+    def _remember(self, row, slot):
+        """Keep the keys and values of a row that ends (its whole prefilled chunks, at most
+        prefix_cache_tokens), for a later prompt that starts the same way; the least recently used
+        go first to make room."""
+        budget = self.prefix_cache_tokens // self.prefill_chunk * self.prefill_chunk
+        tokens = tuple(self._held(row, slot)[:min(row.prefilled, budget)])
+        if not tokens:
+            return
+        for held in list(self.saved):
+            if common_prefix(held, tokens) == len(tokens):  # held already, in this one or a longer one
+                self.saved.move_to_end(held)
+                return
+            if common_prefix(held, tokens) == len(held):  # a start of this one: superseded
+                del self.saved[held]
+        while self.saved and self.prefix_tokens_held() + len(tokens) > self.prefix_cache_tokens:
+            self.saved.popitem(last=False)
+        n = len(tokens)
+        self.saved[tokens] = torch.stack([torch.stack((k[slot, :, :n], v[slot, :, :n]))
+                                          for k, v in zip(self.cache.k, self.cache.v)])
+
+    def prefix_tokens_held(self):
+        return sum(len(tokens) for tokens in self.saved)
 
     # --- one step ---
 
@@ -200,7 +315,16 @@ class Engine:
         if not rows:
             return []
         logits = self._isolated(self._forward, rows)
-        live = [r for r in rows if r.error is None]
+        for group in {id(r.beam): r.beam for r in rows if r.beam is not None}.values():
+            try:  # a fault in one beam fails its whole search
+                failed = next((r.error for r in group.rows if r.error is not None), None)
+                if failed is not None:
+                    raise failed
+                self._beam_step(group, logits[[rows.index(r) for r in group.rows]])
+            except Exception as e:
+                for r in group.rows:
+                    r.error = r.error or e
+        live = [r for r in rows if r.error is None and r.beam is None]
         sampling = [r for r in live if not r.forced]  # the others take their next forced token
         # each row's random draw, made once: a retry below must not move a row's random stream
         draws = {id(r): (r.rng or self.rng).random() for r in sampling}
@@ -218,6 +342,37 @@ class Engine:
             if row.error is not None:
                 self.finish(row, 'error')
         return rows
+
+    def _beam_step(self, group, logits):
+        """One step of a beam search (Beams) from its rows' logits (num_beams, vocab)."""
+        N, V = len(group.rows), logits.size(-1)
+        logprobs = logits.float().clone()
+        logprobs[:, self.vocab_size:] = float('-inf')
+        total = logprobs.log_softmax(-1) + torch.tensor(group.scores, device=logits.device)[:, None]
+        values, ids = total.view(-1).topk(max(2, 1 + len(group.stop_tokens)) * N)
+        group.generated += 1
+        old = [row.tokens for row in group.rows]
+        candidates = [(v, i // V, i % V) for v, i in zip(values.tolist(), ids.tolist())]
+        ends = [t in group.stop_tokens or group.generated >= group.max_tokens for _, _, t in candidates]
+        new = [(v / group.generated, old[beam] + [t]) for (v, beam, t), end in zip(candidates[:N], ends) if end]
+        group.hypotheses = sorted(group.hypotheses + new, key=lambda h: -h[0])[:N]  # stable: earlier first on a tie
+        going = [c for c, end in zip(candidates, ends) if not end][:N]
+        done = all(ends) or (len(group.hypotheses) == N and going[0][0] / group.generated <= group.hypotheses[-1][0])
+        if done:
+            for row, (_, tokens) in zip(group.rows, group.hypotheses):
+                row.tokens = tokens
+            for row in group.rows:
+                self.finish(row, 'stop' if row.tokens[-1] in group.stop_tokens else 'length')
+            return
+        slots = [self.rows.index(row) for row in group.rows]
+        parents = [slots[beam] for _, beam, _ in going]
+        if parents != slots:  # each beam's row takes its parent's keys and values
+            length = self.cache.lengths[slots[0]]
+            for k, v in zip(self.cache.k, self.cache.v):
+                k[slots, :, :length], v[slots, :, :length] = k[parents, :, :length], v[parents, :, :length]
+        for row, (score, beam, token) in zip(group.rows, going):
+            row.tokens, row.next_token = old[beam] + [token], token
+        group.scores = [score for score, _, _ in going]
 
     def _isolated(self, fn, rows):
         """fn(rows) -> a tensor with a row per row; on an exception, fn on each row alone, and
@@ -257,6 +412,8 @@ class Engine:
         if self.cache.lengths[slot] < self.cache.max_len or not self.model.config.learned_positions:
             return
         window = (row.prompt + row.tokens)[-self.model.config.block_size:-1]
+        row.kv_start = len(row.prompt) + len(row.tokens) - self.model.config.block_size
+        row.prefilled = 0  # prefilled in one pass, not in chunks: nothing here is reused
         view = self.cache.rows(slot, slot + 1)
         view.lengths = [0]
         self.model.hidden_states(torch.tensor([window], device=self.device), cache=view)
@@ -275,6 +432,8 @@ class Engine:
         x = torch.nan_to_num(x, nan=-1e30).clamp(-1e30, 1e30)
         if self.vocab_size < x.size(-1):
             x[:, self.vocab_size:] = float('-inf')
+        if any(r.constraint is not None for r in rows):  # a grammar's rows and free rows, in the one call below
+            x = x.masked_fill(~self._allowed(rows, x.size(-1)), float('-inf'))
         setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in rows], device=self.device, dtype=dtype)
         tokens = sample_tokens(x, setting('temperature', torch.float), setting('top_k', torch.long),
                                setting('top_p', torch.float), torch.tensor(draws, device=self.device))
@@ -284,6 +443,19 @@ class Engine:
             for i, (logprob, top) in zip(wanted, entries):
                 rows[i].token_logprobs.append((logprob, top[:rows[i].logprobs]))
         return tokens
+
+    def _allowed(self, rows, V):
+        """(n, V) bools: the ids each row's constraint allows next (every id for a row without one)."""
+        if self.allowed is None:
+            self.allowed = torch.zeros(self.max_rows, (V + 31) // 32, dtype=torch.int32)
+        words = self.allowed[:len(rows)].fill_(-1)
+        for i, row in enumerate(rows):
+            if row.constraint is not None:
+                row.constraint.fill_bitmask(words[i].numpy())  # the numpy view shares the tensor's memory
+        allowed = ((words[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).view(len(rows), -1)[:, :V].bool()
+        if not bool(allowed.any(-1).all()):
+            raise ValueError("the row's grammar allows no token")
+        return allowed.to(self.device)
 
     def _logprobs(self, logits, tokens, n):
         """(log probability of each row's token, its n most likely alternatives as [(id, logprob)]):
@@ -307,10 +479,40 @@ class Engine:
     def _append(self, row, token):
         row.tokens.append(token)
         row.next_token = token
-        if token in row.stop_tokens:
+        if row.constraint is not None:
+            try:  # the grammar library's fault stays in this row
+                row.constraint.advance(token)
+            except Exception as e:
+                row.error = e
+                self.finish(row, 'error')
+                return
+        if row.constraint is not None and row.constraint.done:  # the grammar is complete: nothing may follow
+            self.finish(row, 'stop')
+        elif token in row.stop_tokens:
             self.finish(row, 'stop')
         elif len(row.tokens) >= row.max_tokens:
             self.finish(row, 'length')
+
+
+def common_prefix(a, b):
+    """How many leading items two sequences share: bisection over slices, which compare at C speed."""
+    lo, hi = 0, min(len(a), len(b))
+    a, b = tuple(a), tuple(b)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@torch.inference_mode()
+def embed(model, ids):
+    """One embedding of a sequence of token ids: the mean of the model's last hidden states over
+    its tokens (llama-server's pooling 'mean'), a list of n_embd floats."""
+    x = model.hidden_states(torch.tensor([ids], device=model.transformer.wte.weight.device))
+    return x[0].float().mean(0).tolist()
 
 
 def apply_penalties(logits, counts, repetition_penalty, presence_penalty, frequency_penalty):
@@ -395,3 +597,40 @@ def generate(model, prompts, max_new_tokens, seed=None, **settings):
             if row.error is not None:
                 raise row.error
     return [row.tokens for row in rows]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, requests, vocab_size=None, batch_size=16):
+    """How likely each request's continuation is after its context, the way lm-eval-harness scores a choice:
+    requests are (context ids, continuation ids), each sequence cropped to its last block_size + 1 tokens.
+    Returns the log probability of every continuation token given all before it (ids >= vocab_size, a padded
+    vocabulary's extra rows, get none). Requests with the same model input (one-token continuations of one
+    context: the letters of a question) share a forward; inputs go longest first, batch_size at a time,
+    padded on the right, which causal attention never sees."""
+    cfg = model.config
+    device = model.transformer.wte.weight.device
+    vocab_size = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
+    users = {}  # model input -> [(request index, its continuation tokens as targets)]
+    for i, (context, continuation) in enumerate(requests):
+        if not context:
+            raise ValueError("a context must have at least one token")
+        whole = (list(context) + list(continuation))[-(cfg.block_size + 1):]
+        users.setdefault(tuple(whole[:-1]), []).append((i, whole[max(1, len(whole) - len(continuation)):]))
+    out = [[] for _ in requests]
+    inputs = sorted(users, key=len, reverse=True)
+    for b in range(0, len(inputs), batch_size):
+        batch = inputs[b:b + batch_size]
+        idx = torch.tensor([list(s) + [0] * (len(batch[0]) - len(s)) for s in batch], device=device)
+        x = model.hidden_states(idx)
+        for row, s in enumerate(batch):
+            n = max(len(t) for _, t in users[s])  # only the positions some continuation is scored at
+            if n == 0:
+                continue
+            logits = model.logits(x[row, len(s) - n:len(s)]).float()
+            logits[:, vocab_size:] = float('-inf')
+            logprobs = logits.log_softmax(-1)
+            for i, targets in users[s]:
+                if targets:
+                    picked = logprobs[n - len(targets):].gather(1, torch.tensor(targets, device=device)[:, None])
+                    out[i] = picked[:, 0].tolist()
+    return out

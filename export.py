@@ -12,10 +12,15 @@ the same function as our model:
   or embedding norm (every switch at its default), with a GELU or ReLU² MLP and a tied head or not;
 - NanoChatForCausalLM: nanochat's architecture, use_rope with norm='rmsnorm', qk_norm and embed_norm,
   no biases, any n_kv_head, mlp, logit_softcap and head. Our RMSNorm gains fold into the next layer.
+- LlamaForCausalLM: use_rope with norm='rmsnorm', mlp='swiglu' and no biases (no QK-norm, embedding
+  norm or soft-capping), any n_kv_head, rope_theta, intermediate_size and head.
 Anything else stops with the switches that no transformers class computes. A padded vocabulary
-(GPT-2's 50257 padded to 50304) is cut to the tokenizer's size.
---format=gguf writes one llama.cpp file of its GPT-2 architecture, float32, float16 or q8_0 (the gguf
-package, imported only here), tokenizer included.
+(GPT-2's 50257 padded to 50304) is cut to the tokenizer's size. A chat model's tokenizer gets a chat
+template that renders as tokenizer.render_chat; a transformers model's tokenizer (a Llama model
+fine-tuned here) goes out as it came, chat template included.
+--format=gguf writes one llama.cpp file of its GPT-2 architecture (learned positions) or its Llama
+architecture (the Llama switches), float32, float16, q8_0 or q4_0 (the gguf package, imported only
+here), tokenizer and chat template included.
 
 Before the export is put in place it is checked: transformers' (llama.cpp's, when llama-cpp-python is
 installed) logits against ours on a fixed prompt, their greedy continuation against our engine's, their
@@ -24,6 +29,7 @@ tokenizer's ids against ours. A float32 transformers export that disagrees is no
 import json
 import os
 import pickle
+import re
 import shutil
 
 import torch
@@ -31,14 +37,15 @@ import torch
 from configurator import configure, fail
 from engine import Engine, Row
 from model import GPT2_CONV1D, flip_rotary, load_checkpoint
-from tokenizer import gpt2_tokenizer, meta_path_for, read_meta, tokenizer_from_meta
+from tokenizer import (SPECIAL_NAMES, SPLIT_PATTERN, byte_chars, gpt2_tokenizer, meta_path_for, read_meta,
+                       tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
 format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
 to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
 dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only) | 'q8_0' (gguf only)
-overwrite = False  # replace an existing --to
+overwrite = False  # replace an existing --to, when it is a previous export (never the run itself or other files)
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
 # -----------------------------------------------------------------------------
 
@@ -53,35 +60,68 @@ GPT2_PATTERNS = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]+
 # the model: our weights under transformers' names
 
 def hf_class(cfg):
-    """'GPT2LMHeadModel' or 'NanoChatForCausalLM': the transformers class that computes the model of
-    GPTConfig cfg; ValueError naming the switches that neither computes."""
+    """'GPT2LMHeadModel', 'NanoChatForCausalLM' or 'LlamaForCausalLM': the transformers class that computes
+    the model of GPTConfig cfg; ValueError naming the switches that none computes."""
     if cfg.use_alibi:
         raise ValueError("no transformers class computes use_alibi=True (GPT2LMHeadModel has learned positions, "
-                         "NanoChatForCausalLM rotary ones)")
-    if cfg.use_rope:
-        name, needs = 'NanoChatForCausalLM', dict(norm='rmsnorm', qk_norm=True, embed_norm=True, bias=False)
+                         "NanoChatForCausalLM and LlamaForCausalLM rotary ones)")
+    if cfg.use_rope and (cfg.qk_norm or cfg.embed_norm):
+        name, needs = 'NanoChatForCausalLM', dict(norm='rmsnorm', qk_norm=True, embed_norm=True, bias=False,
+                                                  mlp=('gelu', 'relu2'))
+    elif cfg.use_rope:
+        name, needs = 'LlamaForCausalLM', dict(norm='rmsnorm', mlp='swiglu', bias=False, logit_softcap=0.0)
     else:
         name, needs = 'GPT2LMHeadModel', dict(norm='layernorm', qk_norm=False, embed_norm=False, logit_softcap=0.0,
-                                              n_kv_head=cfg.n_head)
-    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in needs.items() if getattr(cfg, k) != v]
+                                              n_kv_head=cfg.n_head, mlp=('gelu', 'relu2'))
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in needs.items() if getattr(cfg, k) not in as_tuple(v)]
     if wrong:
         positions = 'rotary' if cfg.use_rope else 'learned'
         raise ValueError(f"no transformers class computes this model: with {positions} positions that is {name}, which "
-                         f"needs {', '.join(f'{k}={v!r}' for k, v in needs.items())}; this model has {', '.join(wrong)}")
+                         f"needs {described(needs)}; this model has {', '.join(wrong)}")
     return name
+
+
+def as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def described(needs):
+    """Switch values as a reader writes them: norm='rmsnorm', mlp in ('gelu', 'relu2')."""
+    return ', '.join(f"{k} in {v!r}" if isinstance(v, tuple) else f"{k}={v!r}" for k, v in needs.items())
 
 
 def to_hf(model, vocab_size=None, eot=None):
     """(transformers config, state dict under its names) for our GPT: the class hf_class picks, the
     vocabulary cut to vocab_size rows (a padded vocabulary's extra rows are never sampled), eot the
     id that ends a document (None: none)."""
-    from transformers import GPT2Config, NanoChatConfig
+    from transformers import GPT2Config, LlamaConfig, NanoChatConfig
     cfg = model.config
     name = hf_class(cfg)
     n = vocab_size or cfg.vocab_size
-    act = ACTIVATIONS[(cfg.mlp, cfg.gelu_approximate if cfg.mlp == 'gelu' else 'none')]
+    act = ACTIVATIONS.get((cfg.mlp, cfg.gelu_approximate if cfg.mlp == 'gelu' else 'none'))
     ours = {k: v.detach().float() for k, v in model.state_dict().items()}
     wte, head = ours['transformer.wte.weight'][:n], ours['lm_head.weight'][:n]
+    C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    if name == 'LlamaForCausalLM':
+        config = LlamaConfig(vocab_size=n, hidden_size=C, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                             max_position_embeddings=cfg.block_size, hidden_act='silu', rms_norm_eps=cfg.rms_norm_eps,
+                             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta}, attention_bias=False,
+                             mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot,
+                             pad_token_id=None, architectures=[name])
+        # the same weights under its names: its rotary embedding pairs the halves of a head as ours does
+        sd = {'model.embed_tokens.weight': wte, 'model.norm.weight': ours['transformer.ln_f.weight'],
+              'lm_head.weight': head}
+        for i in range(cfg.n_layer):
+            h, layer = f'transformer.h.{i}.', f'model.layers.{i}.'
+            for x, w in zip('qkv', ours[h + 'attn.c_attn.weight'].split([C, cfg.n_kv_head * hd, cfg.n_kv_head * hd])):
+                sd[layer + f'self_attn.{x}_proj.weight'] = w
+            sd[layer + 'self_attn.o_proj.weight'] = ours[h + 'attn.c_proj.weight']
+            sd[layer + 'mlp.gate_proj.weight'], sd[layer + 'mlp.up_proj.weight'] = ours[h + 'mlp.c_fc.weight'].chunk(2)
+            sd[layer + 'mlp.down_proj.weight'] = ours[h + 'mlp.c_proj.weight']
+            sd[layer + 'input_layernorm.weight'] = ours[h + 'ln_1.weight']
+            sd[layer + 'post_attention_layernorm.weight'] = ours[h + 'ln_2.weight']
+        return config, sd
     if name == 'GPT2LMHeadModel':
         config = GPT2Config(vocab_size=n, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, activation_function=act, layer_norm_epsilon=1e-5, resid_pdrop=0.0,
@@ -90,10 +130,9 @@ def to_hf(model, vocab_size=None, eot=None):
         sd = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in with_biases(ours).items()}
         sd['transformer.wte.weight'], sd['lm_head.weight'] = wte, head
         return config, sd
-    C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
     config = NanoChatConfig(vocab_size=n, hidden_size=C, intermediate_size=4 * C, num_hidden_layers=cfg.n_layer,
                             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                            max_position_embeddings=cfg.block_size, hidden_act=act, rms_norm_eps=1e-6,
+                            max_position_embeddings=cfg.block_size, hidden_act=act, rms_norm_eps=cfg.rms_norm_eps,
                             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
                             final_logit_softcapping=cfg.logit_softcap or None, attention_bias=False,
                             bos_token_id=eot, eos_token_id=eot, pad_token_id=None, tie_word_embeddings=False,
@@ -143,20 +182,32 @@ def vocabulary(meta):
         special = dict(meta['special_tokens'])
         v = dict(kind='bpe', ranks=dict(meta['mergeable_ranks']), special=special, pattern=meta['pattern'],
                  eot=special.get('<|bos|>'))  # a trained BPE starts (so ends) every document with <|bos|>
+    elif meta['tokenizer'] == 'hf':  # a transformers model's own (fine-tuned here): its files go out as they came
+        from tokenizers import Tokenizer as Library
+        library, ours = Library.from_str(meta['tokenizer_json']), tokenizer_from_meta(meta)
+        special = {t.content: i for i, t in library.get_added_tokens_decoder().items()}
+        ranks = {ours.token_bytes([i]): i for i in range(ours.n_vocab) if i not in special.values()}
+        return dict(kind='hf', ranks=ranks, special=special, pattern=None, eot=ours.eot, n=ours.n_vocab, meta=meta,
+                    bos=library.token_to_id(meta.get('bos_token') or ''), stop_ids=meta.get('stop_ids', []),
+                    adds_bos=len(library.encode('a').ids) > len(library.encode('a', add_special_tokens=False).ids),
+                    chat_template=meta.get('chat_template'))
     else:
         raise ValueError(f"unknown tokenizer '{meta['tokenizer']}' in meta.pkl")
     v['n'] = len(v['ranks']) + len(v['special'])
     if sorted([*v['ranks'].values(), *v['special'].values()]) != list(range(v['n'])):
         raise ValueError(f"the tokenizer's ids are not 0..{v['n'] - 1}, each once")
+    v['chat_template'] = CHAT_TEMPLATE if '<|assistant_start|>' in v['special'] else None
     return v
 
 
-def byte_chars():
-    """GPT-2's printable stand-in for every byte: byte-level BPE files (vocab.json, merges.txt,
-    tokenizer.json, GGUF) write tokens as strings of these characters."""
-    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-    rest = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+# tokenizer.chat_tokens' rendering as a chat template, for transformers, llama.cpp and vLLM users of an
+# exported chat model: a system message opens the next user turn
+CHAT_TEMPLATE = ("<|bos|>{% set ns = namespace(system=[]) %}{% for m in messages %}"
+                 "{% if m['role'] == 'system' %}{% set ns.system = ns.system + [m['content']] %}"
+                 "{% elif m['role'] == 'user' %}<|user_start|>{{ (ns.system + [m['content']]) | join('\\n\\n') }}"
+                 "<|user_end|>{% set ns.system = [] %}"
+                 "{% else %}<|assistant_start|>{{ m['content'] }}<|assistant_end|>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant_start|>{% endif %}")
 
 
 BYTE_CHARS = byte_chars()
@@ -211,6 +262,15 @@ def hf_tokenizer(v, merges):
 
 
 def write_hf_tokenizer(v, path, block_size):
+    if v['kind'] == 'hf':
+        with open(os.path.join(path, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+            f.write(v['meta']['tokenizer_json'])
+        config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': block_size,
+                  'clean_up_tokenization_spaces': False, 'chat_template': v['chat_template'],
+                  **{k: v['meta'][k] for k in SPECIAL_NAMES if v['meta'].get(k)}}
+        with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+            json.dump({k: x for k, x in config.items() if x is not None}, f, indent=2, ensure_ascii=False)
+        return
     merges = bpe_merges(v['ranks']) if v['kind'] != 'char' else []
     tok = hf_tokenizer(v, merges)
     tok.save(os.path.join(path, 'tokenizer.json'))
@@ -218,7 +278,12 @@ def write_hf_tokenizer(v, path, block_size):
               'model_max_length': block_size, 'clean_up_tokenization_spaces': False}
     if v['eot'] is not None:
         eot = next(s for s, i in v['special'].items() if i == v['eot'])
-        config.update(bos_token=eot, eos_token=eot)
+        config.update(bos_token=eot, eos_token=eot, pad_token=eot)
+    elif v['kind'] == 'char':
+        # lm-eval-harness and transformers' padding need an eos token: a character vocabulary has no special
+        # token, so its newline (else its first character) ends a text, keeping every id as it is
+        end = b'\n' if b'\n' in v['ranks'] else min(v['ranks'], key=v['ranks'].get)
+        config.update(eos_token=end.decode('utf-8'), pad_token=end.decode('utf-8'))
     if v['kind'] == 'gpt2':
         # GPT-2's own files too, for tools that read them (tokenizer.json is what AutoTokenizer loads)
         config.update(add_prefix_space=False, unk_token='<|endoftext|>')
@@ -226,6 +291,8 @@ def write_hf_tokenizer(v, path, block_size):
             json.dump({**{as_text(t): i for t, i in v['ranks'].items()}, **v['special']}, f, ensure_ascii=False)
         with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
             f.write('#version: 0.2\n' + ''.join(f"{as_text(a)} {as_text(b)}\n" for a, b in merges))
+    if v['chat_template']:
+        config['chat_template'] = v['chat_template']
     with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
@@ -247,7 +314,8 @@ def write_hf(model, v, meta, path, dtype='float32'):
     save_file({k: t.to(TORCH_DTYPES[dtype]).contiguous() for k, t in sd.items()},
               os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
     stop = [v['eot']] + [i for s, i in v['special'].items() if s == '<|assistant_end|>']  # the end of a chat reply
-    GenerationConfig(bos_token_id=v['eot'], eos_token_id=stop if v['eot'] is not None else None,
+    stop = list(dict.fromkeys(stop + v.get('stop_ids', [])))  # and a transformers model's own
+    GenerationConfig(bos_token_id=v.get('bos', v['eot']), eos_token_id=stop if v['eot'] is not None else None,
                      pad_token_id=v['eot']).save_pretrained(path)
     write_hf_tokenizer(v, path, model.config.block_size)
     if meta is not None:  # our own tokenizer, exactly, for --init_from=DIR here
@@ -255,19 +323,64 @@ def write_hf(model, v, meta, path, dtype='float32'):
             pickle.dump(meta, f)
 
 
-def write_gguf(model, v, path, dtype='float32', name=''):
-    """llama.cpp's 'gpt2' architecture: its tensor names and hyperparameters, and the tokenizer as
-    byte-level BPE (characters are byte-level tokens too, multi-byte ones merged from their bytes).
-    llama.cpp's GPT-2 computes GELU with the tanh approximation, ours the exact one unless the model
-    came from GPT-2's weights: the logits differ by about 1e-3, the greedy tokens rarely."""
-    import gguf
-    cfg = model.config
-    needs = dict(use_rope=False, use_alibi=False, norm='layernorm', qk_norm=False, embed_norm=False, mlp='gelu',
-                 logit_softcap=0.0, n_kv_head=cfg.n_head)
+def gguf_arch(cfg):
+    """'gpt2' or 'llama': the llama.cpp architecture that computes the model of GPTConfig cfg; ValueError
+    naming the switches that neither computes."""
+    if cfg.use_rope:
+        arch, needs = 'llama', dict(norm='rmsnorm', mlp='swiglu', bias=False, qk_norm=False, embed_norm=False,
+                                    logit_softcap=0.0)
+    else:
+        arch, needs = 'gpt2', dict(use_alibi=False, norm='layernorm', qk_norm=False, embed_norm=False, mlp='gelu',
+                                   logit_softcap=0.0, n_kv_head=cfg.n_head)
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, ok in needs.items() if getattr(cfg, k) != ok]
     if wrong:
-        raise ValueError(f"--format=gguf writes llama.cpp's GPT-2 architecture, which needs "
-                         f"{', '.join(f'{k}={ok!r}' for k, ok in needs.items())}; this model has {', '.join(wrong)}")
+        raise ValueError(f"--format=gguf writes a model with {'rotary' if cfg.use_rope else 'learned'} positions as "
+                         f"llama.cpp's {'Llama' if cfg.use_rope else 'GPT-2'} architecture, which needs "
+                         f"{described(needs)}; this model has {', '.join(wrong)}")
+    return arch
+
+
+# llama.cpp's names for the split regexes of transformers' byte-level pre-tokenizers it rebuilds in C++
+# (llama-vocab.cpp); written by tokenizer.json as a ByteLevel with its regex, or a Split then a ByteLevel without
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r'\p{N}{1,3}', r'\p{N}')
+
+
+def hf_pre_tokenizer(tokenizer_json):
+    """llama.cpp's name ('tokenizer.ggml.pre') for the pre-tokenizer of a byte-level BPE tokenizer.json;
+    ValueError for one it does not rebuild."""
+    spec = json.loads(tokenizer_json)
+    pre, model = spec.get('pre_tokenizer') or {}, spec.get('model') or {}
+    steps = pre.get('pretokenizers', [pre]) if pre.get('type') == 'Sequence' else [pre]
+    shape = tuple(('Digits' if p.get('individual_digits') else 'digits') if p.get('type') == 'Digits' else
+                  ('ByteLevel', p.get('use_regex', True)) if p.get('type') == 'ByteLevel' else
+                  (p.get('type'), (p.get('pattern') or {}).get('Regex'), p.get('behavior')) for p in steps)
+    known = {(('ByteLevel', True),): 'gpt-2', ('Digits', ('ByteLevel', True)): 'smollm',
+             (('Split', LLAMA3_PATTERN, 'Isolated'), ('ByteLevel', False)): 'llama-bpe',
+             (('Split', QWEN2_PATTERN, 'Isolated'), ('ByteLevel', False)): 'qwen2'}
+    if model.get('type') != 'BPE' or model.get('byte_fallback') or spec.get('normalizer') or shape not in known:
+        raise ValueError("--format=gguf: this tokenizer.json is not a byte-level BPE whose text splitting llama.cpp "
+                         "rebuilds (GPT-2's, SmolLM's, Llama 3's or Qwen2's): use --format=hf")
+    return known[shape]
+
+
+def gguf_tokenizer(v):
+    """(tokens, types, merges as 'left right' lines, llama.cpp's pre-tokenizer name) of the tokenizer v:
+    byte-level BPE for all of ours (characters are byte-level tokens too, multi-byte ones merged from
+    their bytes); a transformers model's tokenizer.json as it is."""
+    import gguf
+    if v['kind'] == 'hf':
+        spec = json.loads(v['meta']['tokenizer_json'])
+        pre, merges = hf_pre_tokenizer(v['meta']['tokenizer_json']), spec['model']['merges']
+        merges = [m if isinstance(m, str) else ' '.join(m) for m in merges]
+        tokens, types = [''] * v['n'], [gguf.TokenType.NORMAL] * v['n']
+        for piece, i in spec['model']['vocab'].items():
+            tokens[i] = piece
+        for t in spec.get('added_tokens', []):
+            tokens[t['id']] = t['content']
+            types[t['id']] = gguf.TokenType.CONTROL if t['special'] else gguf.TokenType.USER_DEFINED
+        return tokens, types, merges, pre
     if v['kind'] == 'char':
         pre = 'gpt-2'  # no merge crosses a character, so any split that keeps characters whole will do
         chars = [t for t in v['ranks'] if len(t) > 1]
@@ -277,55 +390,97 @@ def write_gguf(model, v, path, dtype='float32', name=''):
         merges = merges or [(b'\xff', b'\xff')]
     elif v['pattern'] in GPT2_PATTERNS:
         pre, merges = 'gpt-2', bpe_merges(v['ranks'])
+    elif v['pattern'] == SPLIT_PATTERN:
+        pre, merges = 'qwen2', bpe_merges(v['ranks'])  # the same pieces as Qwen2's regex (tests/test_llama.py)
     else:
         raise ValueError("--format=gguf: llama.cpp splits text with its own built-in regexes and has none for this "
-                         "tokenizer's split pattern (GPT-2's is the one supported): use --format=hf")
-    n = v['n']
-    tokens, types = [''] * n, [gguf.TokenType.NORMAL] * n
+                         "tokenizer's split pattern (GPT-2's and tokenizer.py's SPLIT_PATTERN are supported): use "
+                         "--format=hf")
+    tokens, types = [''] * v['n'], [gguf.TokenType.NORMAL] * v['n']
     for t, i in v['ranks'].items():
         tokens[i] = as_text(t)
     for s, i in v['special'].items():
         tokens[i], types[i] = s, gguf.TokenType.CONTROL
+    return tokens, types, [f"{as_text(a)} {as_text(b)}" for a, b in merges], pre
 
-    w = gguf.GGUFWriter(path, 'gpt2')
+
+GGUF_FILE_TYPES = {'float32': 'ALL_F32', 'float16': 'MOSTLY_F16', 'q8_0': 'MOSTLY_Q8_0', 'q4_0': 'MOSTLY_Q4_0'}
+
+
+def write_gguf(model, v, path, dtype='float32', name=''):
+    """llama.cpp's 'gpt2' architecture (learned positions), or its 'llama' architecture (rotary positions),
+    its tensor names and hyperparameters, the tokenizer (gguf_tokenizer) and its chat template. llama.cpp's
+    GPT-2 computes GELU with the tanh approximation, ours the exact one unless the model came from GPT-2's
+    weights: the logits differ by about 1e-3, the greedy tokens rarely."""
+    import gguf
+    cfg = model.config
+    arch = gguf_arch(cfg)
+    tokens, types, merges, pre = gguf_tokenizer(v)
+    n, hd = v['n'], cfg.n_embd // cfg.n_head
+    w = gguf.GGUFWriter(path, arch)
     w.add_name(name)
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
-    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_feed_forward_length(cfg.mlp_hidden)
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
-    w.add_layer_norm_eps(1e-5)
-    w.add_file_type({'float16': gguf.LlamaFileType.MOSTLY_F16, 'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}.get(
-        dtype, gguf.LlamaFileType.ALL_F32))
+    if arch == 'gpt2':
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(hd)
+        w.add_vocab_size(n)
+    w.add_file_type(getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[dtype]))
     w.add_tokenizer_model('gpt2')
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([f"{as_text(a)} {as_text(b)}" for a, b in merges])
+    w.add_token_merges(merges)
+    bos = v.get('bos', v['eot'])
+    if bos is not None:
+        w.add_bos_token_id(bos)
     if v['eot'] is not None:
-        w.add_bos_token_id(v['eot'])
         w.add_eos_token_id(v['eot'])
-    w.add_add_bos_token(False)  # our prompts start with their first token
+    if '<|assistant_end|>' in v['special']:  # the end of a chat reply: llama.cpp stops there too
+        w.add_eot_token_id(v['special']['<|assistant_end|>'])
+    w.add_add_bos_token(bool(v.get('adds_bos')))  # ours start with their first token; Llama 3's with a BOS
+    if v.get('chat_template'):
+        w.add_chat_template(v['chat_template'])
 
-    sd = with_biases({k: t.detach().float() for k, t in model.state_dict().items()})
+    sd = {k: t.detach().float() for k, t in model.state_dict().items()}
     # llama.cpp's names for our tensors; its matrices are (out, in) like Linear's
-    names = {'ln_1': 'attn_norm', 'attn.c_attn': 'attn_qkv', 'attn.c_proj': 'attn_output', 'ln_2': 'ffn_norm',
-             'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
-    tensors = {'token_embd.weight': sd['transformer.wte.weight'][:n],
-               'position_embd.weight': sd['transformer.wpe.weight'],
-               'output_norm.weight': sd['transformer.ln_f.weight'], 'output_norm.bias': sd['transformer.ln_f.bias']}
+    tensors = {'token_embd.weight': sd['transformer.wte.weight'][:n], 'output_norm.weight': sd['transformer.ln_f.weight']}
     if not cfg.tie_embeddings:
         tensors['output.weight'] = sd['lm_head.weight'][:n]
-    for i in range(cfg.n_layer):
-        for ours, theirs in names.items():
-            for kind in ('weight', 'bias'):
-                tensors[f'blk.{i}.{theirs}.{kind}'] = sd[f'transformer.h.{i}.{ours}.{kind}']
+    if arch == 'gpt2':
+        sd = with_biases(sd)
+        names = {'ln_1': 'attn_norm', 'attn.c_attn': 'attn_qkv', 'attn.c_proj': 'attn_output', 'ln_2': 'ffn_norm',
+                 'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
+        tensors.update({'position_embd.weight': sd['transformer.wpe.weight'],
+                        'output_norm.bias': sd['transformer.ln_f.bias']})
+        for i in range(cfg.n_layer):
+            for ours, theirs in names.items():
+                for kind in ('weight', 'bias'):
+                    tensors[f'blk.{i}.{theirs}.{kind}'] = sd[f'transformer.h.{i}.{ours}.{kind}']
+    for i in range(cfg.n_layer if arch == 'llama' else 0):
+        h, blk = f'transformer.h.{i}.', f'blk.{i}.'
+        q, k, v_ = sd[h + 'attn.c_attn.weight'].split([cfg.n_embd, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
+        tensors.update({blk + 'attn_norm.weight': sd[h + 'ln_1.weight'], blk + 'attn_q.weight': interleave_rotary(q, hd),
+                        blk + 'attn_k.weight': interleave_rotary(k, hd), blk + 'attn_v.weight': v_,
+                        blk + 'attn_output.weight': sd[h + 'attn.c_proj.weight'],
+                        blk + 'ffn_norm.weight': sd[h + 'ln_2.weight'], blk + 'ffn_down.weight': sd[h + 'mlp.c_proj.weight']})
+        tensors[blk + 'ffn_gate.weight'], tensors[blk + 'ffn_up.weight'] = sd[h + 'mlp.c_fc.weight'].chunk(2)
     for key, t in tensors.items():
-        # float16 or q8_0 for the matrices only, as llama.cpp's converter does: norms and biases stay float32;
-        # q8_0 packs blocks of 32 along a row, and the position table (a lookup, not a matmul) stays float32
-        if dtype == 'q8_0' and t.dim() == 2 and t.shape[1] % 32 == 0 and key != 'position_embd.weight':
-            w.add_tensor(key, gguf.quants.quantize(t.contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        # float16 or quantized for the matrices only, as llama.cpp's converter does: norms and biases stay float32;
+        # q8_0 and q4_0 pack blocks of 32 along a row, and the position table (a lookup, not a matmul) stays float32.
+        # With q4_0 the output layer (the embedding, when tied) is q8_0: llama.cpp's own quantizer keeps it finer too
+        if dtype in ('q8_0', 'q4_0') and t.dim() == 2 and t.shape[1] % 32 == 0 and key != 'position_embd.weight':
+            head = 'token_embd.weight' if cfg.tie_embeddings else 'output.weight'
+            kind = 'Q8_0' if dtype == 'q8_0' or key == head else 'Q4_0'
+            quant = getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(key, gguf.quants.quantize(t.contiguous().numpy(), quant), raw_dtype=quant)
             continue
         t = t.to(torch.float16 if dtype == 'float16' and t.dim() == 2 else torch.float32)
         w.add_tensor(key, t.contiguous().numpy())
@@ -333,6 +488,12 @@ def write_gguf(model, v, path, dtype='float32', name=''):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def interleave_rotary(w, head_dim):
+    """A query or key projection's rows reordered within each head from (first half, second half) to
+    (x0, y0, x1, y1, ...): llama.cpp's Llama rotates adjacent pairs, apply_rope the two halves."""
+    return w.view(-1, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,11 +584,37 @@ def compare(what, model, v, runner, tokenizer=None):
 
 # ---------------------------------------------------------------------------------------------
 
+def check_target(dest):
+    """Refuse a --to that is the model's own out_dir or a folder around it, and with --overwrite anything but
+    a previous export (a transformers directory of its files only, or a GGUF file): nothing else is ever replaced."""
+    source, target = os.path.realpath(out_dir), os.path.realpath(dest)
+    if os.path.commonpath([source, target]) == target:
+        fail(f"--to={dest} holds the model being exported ({out_dir}): choose another --to")
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    if format == 'hf':
+        names = os.listdir(dest) if os.path.isdir(dest) and not os.path.islink(dest) else None
+        previous = names is not None and 'config.json' in names and all(
+            re.fullmatch(r'[\w.-]+\.(json|safetensors|txt|pkl|jinja|model)', n) and os.path.isfile(os.path.join(dest, n))
+            for n in names)
+    else:
+        previous = False
+        if os.path.isfile(dest) and not os.path.islink(dest):
+            with open(dest, 'rb') as f:
+                previous = f.read(4) == b'GGUF'
+    if not previous:
+        fail(f"{dest} is not a previous {'transformers' if format == 'hf' else 'GGUF'} export: --overwrite replaces only "
+             f"those; remove it yourself or choose another --to")
+
+
 def main():
     if format not in ('hf', 'gguf'):
         fail(f"format must be 'hf' or 'gguf', not '{format}'")
-    if dtype not in (TORCH_DTYPES if format == 'hf' else ('float32', 'float16', 'q8_0')):
-        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16 or q8_0'}, not '{dtype}'")
+    if dtype not in (TORCH_DTYPES if format == 'hf' else GGUF_FILE_TYPES):
+        fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16, q8_0 or q4_0'}, "
+             f"not '{dtype}'")
     try:
         model, checkpoint = load_checkpoint(out_dir)
         meta_path = meta_path_for(out_dir, (checkpoint.get('config') or {}).get('dataset'))
@@ -446,8 +633,7 @@ def main():
         fail(f"the tokenizer ({v['kind']}, {v['n']} ids) does not fit the model's vocabulary of "
              f"{model.config.vocab_size}: is meta.pkl missing from the out_dir, or from another dataset?")
     dest = to or os.path.normpath(out_dir) + ('-hf' if format == 'hf' else '.gguf')
-    if os.path.exists(dest) and not overwrite:
-        fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
+    check_target(dest)
 
     # everything goes into a temporary path beside dest, renamed into place once written and checked
     tmp = f"{dest}.tmp-{os.getpid()}"
@@ -478,7 +664,7 @@ def main():
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         else:
             os.replace(tmp, dest)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(str(e))
     finally:
         if os.path.isdir(tmp):

@@ -4,8 +4,9 @@ The GPT language model in one file.
 By default it is GPT-2: learned position embeddings, pre-LayerNorm blocks, causal
 self-attention, a 4x GELU MLP and an output head tied to the token embedding.
 GPTConfig switches turn on the newer pieces (rotary embeddings, ALiBi, RMSNorm,
-QK-norm, ReLU², grouped-query attention, logit soft-capping, an untied head, a norm
-after the token embedding); each acts in a few lines at the place it matters and
+QK-norm, ReLU², SwiGLU, grouped-query attention, logit soft-capping, an untied head, a norm
+after the token embedding; use_rope, rmsnorm, swiglu and no biases together are Llama's
+architecture); each acts in a few lines at the place it matters and
 defaults to GPT-2, so every old checkpoint still loads.
 
 Also here: the KV cache that engine.py decodes with, loading transformers' weights and our own
@@ -46,7 +47,9 @@ class GPTConfig:
     use_alibi: bool = False  # ALiBi linear attention biases instead of position embeddings
     norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
-    mlp: str = 'gelu'  # 'gelu' | 'relu2' (squared ReLU)
+    mlp: str = 'gelu'  # 'gelu' | 'relu2' (squared ReLU) | 'swiglu' (LLaMA's gated SiLU)
+    intermediate_size: int = 0  # swiglu's hidden width; 0: LLaMA's 8/3 * n_embd rounded up to a multiple of 256
+    rms_norm_eps: float = 1e-6  # the epsilon of norm='rmsnorm' (Llama checkpoints carry their own)
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
     tie_embeddings: bool = True  # lm_head shares the token embedding's weight
     embed_norm: bool = False  # RMS-normalise the token embedding (nanochat's architecture)
@@ -58,7 +61,8 @@ class GPTConfig:
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         assert not (self.use_rope and self.use_alibi), "choose one of use_rope and use_alibi"
         assert self.norm in ('layernorm', 'rmsnorm'), f"unknown norm '{self.norm}'"
-        assert self.mlp in ('gelu', 'relu2'), f"unknown mlp '{self.mlp}'"
+        assert self.mlp in ('gelu', 'relu2', 'swiglu'), f"unknown mlp '{self.mlp}'"
+        assert self.intermediate_size == 0 or self.mlp == 'swiglu', "intermediate_size is swiglu's hidden width"
         assert self.gelu_approximate in ('none', 'tanh')
         if self.use_rope:
             assert (self.n_embd // self.n_head) % 2 == 0, "rotary embeddings need an even head size"
@@ -66,6 +70,14 @@ class GPTConfig:
     @property
     def learned_positions(self):
         return not (self.use_rope or self.use_alibi)
+
+    @property
+    def mlp_hidden(self):
+        """The MLP's hidden width: GPT-2's 4 * n_embd; SwiGLU's three matrices keep about the same
+        parameters with 2/3 of that, which LLaMA rounds up to a multiple of 256."""
+        if self.mlp != 'swiglu':
+            return 4 * self.n_embd
+        return self.intermediate_size or -(-(8 * self.n_embd // 3) // 256) * 256
 
 
 class LayerNorm(nn.Module):
@@ -82,7 +94,7 @@ class LayerNorm(nn.Module):
 
 def make_norm(config):
     if config.norm == 'rmsnorm':
-        return nn.RMSNorm(config.n_embd, eps=1e-6)
+        return nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
     return LayerNorm(config.n_embd, bias=config.bias)
 
 
@@ -222,8 +234,10 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden
+        # swiglu: the gate's and the up projection's rows in one matmul, gate first
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if config.mlp == 'swiglu' else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.kind, self.gelu_approximate = config.mlp, config.gelu_approximate
 
@@ -231,6 +245,9 @@ class MLP(nn.Module):
         x = self.c_fc(x)
         if self.kind == 'relu2':
             x = F.relu(x).square()  # squared ReLU (So et al., 2021): cheaper than GELU and trains faster
+        elif self.kind == 'swiglu':
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up  # Shazeer (2020), as LLaMA computes it
         else:
             x = F.gelu(x, approximate=self.gelu_approximate)
         return self.dropout(self.c_proj(x))
@@ -393,21 +410,38 @@ class GPT(nn.Module):
         if 'wpe' in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """nanoGPT's call: (B, T) token ids in, (B, T + max_new_tokens) out, each row continued by
+        sampling (temperature 0: greedy; top_k: only the k most likely tokens), through engine.py's
+        loop. torch.manual_seed makes it repeat: the engine's seed is drawn from torch's generator."""
+        if max_new_tokens == 0:
+            return idx
+        from engine import generate  # engine.py imports this file
+        seed = int(torch.randint(2 ** 31, (1,)))
+        new = generate(self, idx.tolist(), max_new_tokens, seed=seed, temperature=temperature, top_k=top_k or 0)
+        return torch.cat([idx, torch.tensor(new, dtype=idx.dtype, device=idx.device)], dim=1)
+
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """Weights from transformers: OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl',
         downloaded from the hub) or a local directory written by save_pretrained or export.py, holding a
-        GPT2LMHeadModel or a NanoChatForCausalLM. ValueError for a model this GPT does not compute."""
+        GPT2LMHeadModel, a NanoChatForCausalLM or a LlamaForCausalLM (SmolLM2, TinyLlama, ...). ValueError
+        for a model this GPT does not compute (rope scaling, biases, another architecture)."""
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
         from transformers import AutoModelForCausalLM
         print(f"loading weights from pretrained gpt: {name_or_path}")
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path)
         hf, sd_hf = hf_model.config, hf_model.state_dict()
+        if hf.model_type not in ('gpt2', 'nanochat', 'llama'):  # Mistral's sliding window, Qwen2's biases, ...
+            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2', 'nanochat' "
+                             f"and 'llama' models")
         act = hf.activation_function if hf.model_type == 'gpt2' else getattr(hf, 'hidden_act', None)
-        if act not in HF_ACTIVATIONS:
-            raise ValueError(f"{name_or_path}: activation '{act}' is not one of {', '.join(HF_ACTIVATIONS)}")
-        mlp, gelu_approximate = HF_ACTIVATIONS[act]
+        # Llama's MLP gates with its activation (SiLU: SwiGLU); GPT-2's and NanoChat's apply theirs to one projection
+        known = {'silu': ('swiglu', 'none')} if hf.model_type == 'llama' else HF_ACTIVATIONS
+        if act not in known:
+            raise ValueError(f"{name_or_path}: activation '{act}' is not one of {', '.join(known)}")
+        mlp, gelu_approximate = known[act]
         common = dict(vocab_size=hf.vocab_size, mlp=mlp, gelu_approximate=gelu_approximate,
                       tie_embeddings=bool(hf.tie_word_embeddings), dropout=override_args.get('dropout', 0.0))
         if hf.model_type == 'gpt2':
@@ -438,9 +472,33 @@ class GPT(nn.Module):
                 sd[ours + 'mlp.c_fc.weight'] = sd_hf[theirs + 'mlp.fc1.weight']
                 sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.fc2.weight']
                 sd[ours + 'ln_1.weight'] = sd[ours + 'ln_2.weight'] = ones
-        else:
-            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2' and "
-                             f"'nanochat' models")
+        else:  # llama
+            C, H = hf.hidden_size, hf.num_attention_heads
+            rope = hf.rope_parameters or {}
+            cannot = [what for what, present in [
+                (f"rope_type '{rope.get('rope_type')}' (rope scaling)", rope.get('rope_type', 'default') != 'default'),
+                ('attention_bias', hf.attention_bias), ('mlp_bias', hf.mlp_bias),
+                (f"head_dim {hf.head_dim} (not hidden_size / num_attention_heads)", hf.head_dim not in (None, C // H))]
+                if present]
+            if cannot:
+                raise ValueError(f"{name_or_path}: this GPT computes Llama models with plain rotary embeddings, no biases "
+                                 f"and head_dim = hidden_size / num_attention_heads; this one has {', '.join(cannot)}")
+            config = GPTConfig(block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers, n_head=H, n_embd=C,
+                               n_kv_head=hf.num_key_value_heads, bias=False, use_rope=True,
+                               rope_theta=rope.get('rope_theta', 10000.0), norm='rmsnorm', rms_norm_eps=hf.rms_norm_eps,
+                               intermediate_size=hf.intermediate_size, **common)
+            # its rotary embedding pairs (first half, second half) of each head as apply_rope does: no flip
+            sd = {'transformer.wte.weight': sd_hf['model.embed_tokens.weight'],
+                  'transformer.ln_f.weight': sd_hf['model.norm.weight'], 'lm_head.weight': sd_hf['lm_head.weight']}
+            for i in range(config.n_layer):
+                theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
+                sd[ours + 'attn.c_attn.weight'] = torch.cat([sd_hf[theirs + f'self_attn.{x}_proj.weight'] for x in 'qkv'])
+                sd[ours + 'attn.c_proj.weight'] = sd_hf[theirs + 'self_attn.o_proj.weight']
+                sd[ours + 'mlp.c_fc.weight'] = torch.cat([sd_hf[theirs + 'mlp.gate_proj.weight'],
+                                                          sd_hf[theirs + 'mlp.up_proj.weight']])
+                sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.down_proj.weight']
+                sd[ours + 'ln_1.weight'] = sd_hf[theirs + 'input_layernorm.weight']
+                sd[ours + 'ln_2.weight'] = sd_hf[theirs + 'post_attention_layernorm.weight']
         model = GPT(config)
         own = model.state_dict()
         if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
@@ -479,15 +537,27 @@ class GPT(nn.Module):
         from muon import Muon
         return Muon([g for g in groups if g['params']])
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, block_size=None):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (A100 bf16 dense is 312e12,
-        H100 SXM bf16 dense ~989e12). FLOPs per token from the PaLM paper's appendix B."""
+        H100 SXM bf16 dense ~989e12), for windows of block_size tokens (default: the model's).
+        FLOPs per token from the PaLM paper's appendix B."""
         cfg = self.config
         N = self.get_num_params()
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, block_size or cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
+
+
+def training_memory(config, batch_size):
+    """Roughly the bytes a training run of this model holds at its peak, for a check before it starts:
+    float32 weights, gradients and AdamW's two moments (16 bytes a parameter), the activations the
+    backward keeps (Korthikanti et al. 2022 count s*b*h*(34 + 5*a*s/h) bytes a layer in 16 bits;
+    doubled for float32) and the logits with their gradient. Counted on the meta device: nothing is allocated."""
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in GPT(config).parameters())
+    s, b, h, a, L, V = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer, config.vocab_size
+    return 16 * n_params + 2 * L * s * b * h * (34 + 5 * a * s / h) + 12 * b * s * V
 
 
 def load_checkpoint(out_dir, device='cpu', dropout=None):
@@ -504,9 +574,21 @@ def load_checkpoint(out_dir, device='cpu', dropout=None):
         model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
         if dropout is not None:
             model_args['dropout'] = dropout
-        model = GPT(GPTConfig(**model_args))
+        config = GPTConfig(**model_args)
         # nanoGPT's checkpoints of compiled models carry this prefix on every key
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()})
+        state = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
+        # the weights must fit model_args before the model is allocated: model_args alone may ask for terabytes
+        with torch.device('meta'):
+            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+        misfits = [f"{k} is missing" for k in expected if k not in state] + \
+                  [f"{k} is not in the model" for k in state if k not in expected] + \
+                  [f"{k} is {tuple(state[k].shape)}, not {expected[k]}" for k in expected
+                   if k in state and tuple(state[k].shape) != expected[k]]
+        if misfits:
+            raise ValueError(f"its weights do not fit its model_args: {misfits[0]}"
+                             f"{f' (and {len(misfits) - 1} more)' if len(misfits) > 1 else ''}")
+        model = GPT(config)
+        model.load_state_dict(state)
     except Exception as e:  # a truncated file, a pickle that is not plain data, weights of another shape
         raise ValueError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model, checkpoint

@@ -5,6 +5,7 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --stream=True
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a prompt, a continuation, repeat
 $ python sample.py --out_dir=out-chat --chat=True   # a multi-turn chat (a model fine-tuned on data/chat)
+$ python sample.py --out_dir=out-shakespeare-char --num_beams=4   # beam search: the best of 4 beams
 
 load_model, TextStream and generate_text are what bench.py and serve.py import: the model and
 its tokenizer from one loader, text out of the one decode engine (engine.py).
@@ -18,12 +19,12 @@ import torch
 
 from calculator import tool_calls
 from configurator import configure, fail
-from engine import Engine, Row
+from engine import Engine, Row, beam_rows
 from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, render_chat, reply_content
+from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat, reply_content
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), or a local transformers directory
+init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), a local transformers directory, a hub id
 out_dir = 'out'  # ignored unless init_from is 'resume'
 start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
 num_samples = 10  # continuations of the prompt, generated together as one batch
@@ -34,6 +35,7 @@ top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probabili
 repetition_penalty = 1.0  # > 1.0 discourages tokens already in the text
 stop = ''  # stop a sample when this text appears (the sample ends just before it); '' = never
 seed = 1337  # sample i draws from its own random stream, seeded with seed + i
+num_beams = 1  # > 1: beam search as transformers' generate(num_beams=...) does; prints its best beam (one sample)
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
 chat = False  # a multi-turn chat: read a message, stream the reply, repeat (rendered as serve.py's chat API does)
@@ -41,7 +43,16 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
 tools = True  # a chat model with the calculator tokens gets its calculator calls answered (calculator.py)
+threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default (the cores), see set_threads
 # -----------------------------------------------------------------------------
+
+
+def set_threads(threads):
+    """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
+    anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads
+    sampled the quick-start model 1.3-28x slower than 1 (docs/experiments.md, Threads)."""
+    if threads or torch.get_num_threads() > 1:
+        torch.set_num_threads(threads or torch.get_num_threads() - 1)
 
 
 def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
@@ -55,12 +66,16 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
         info.pop('optimizer', None)
         info['source'] = os.path.join(out_dir, 'ckpt.pt')
         tokenizer = load_tokenizer(out_dir, (info.get('config') or {}).get('dataset'))
-    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
+        if not init_from.startswith('gpt2'):
+            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M-Instruct'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
         info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
-        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()  # export.py leaves meta.pkl
+        # export.py leaves meta.pkl; a Llama model has its tokenizer.json
+        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()
     else:
-        raise ValueError(f"init_from must be 'resume', a gpt2 name or a local transformers directory, not '{init_from}'")
+        raise ValueError(f"init_from must be 'resume', a gpt2 name, a local transformers directory or a hub id "
+                         f"(owner/name), not '{init_from}'")
     check_vocab(tokenizer, model.config.vocab_size)
     info['parameters'] = model.get_num_params()  # counted before for_inference swaps the Linears out
     return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
@@ -115,10 +130,11 @@ class TextStream:
 
 
 def stop_tokens_of(tokenizer):
-    """The ids that end a generation: <|endoftext|>, and a chat model's <|assistant_end|> (and
-    <|bos|>, which only ever starts a new conversation)."""
+    """The ids that end a generation: <|endoftext|> (a transformers model's eos_token), and a chat
+    model's <|assistant_end|> (and <|bos|>, which only ever starts a new conversation), and those a
+    transformers model's generation_config.json names."""
     chat = [tokenizer.special_tokens[name] for name in ('<|assistant_end|>', '<|bos|>') if name in tokenizer.special_tokens]
-    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat
+    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat + tokenizer.stop_ids
 
 
 def start_reply(row, tokenizer, stop=(), tools=True):
@@ -139,12 +155,16 @@ def decode_step(engine):
         piece = ''
         if row.error is None:
             try:
-                piece = row.text.add(row.tokens[-1])
+                if row.beam is not None:  # a beam's tokens change until the search ends: its text comes whole then
+                    tokens = row.tokens if row.finish_reason else []
+                    piece = ''.join(row.text.add(t) for t in tokens)
+                else:
+                    piece = row.text.add(row.tokens[-1])
                 if row.text.stopped:
                     engine.finish(row, 'stop')
                 if row.finish_reason:
                     piece += row.text.finish()
-                elif getattr(row, 'calculator', None):  # a row made before start_reply existed has none
+                elif row.beam is None and getattr(row, 'calculator', None):  # queue the output of a call just ended
                     row.forced.extend(row.calculator.after(row.tokens[-1]))
             except Exception as e:
                 row.error = e
@@ -153,39 +173,56 @@ def decode_step(engine):
     return out
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, tools=True, keep=None,
-                  **settings):
+def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
+                  tools=True, keep=None, **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
-    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...); tools: answer the
-    model's calculator calls. keep: a list that receives the engine rows (their tokens, which were sampled)."""
-    rows = [Row(tokenizer.encode_prompt(p) if isinstance(p, str) else p, max_new_tokens, seed=None if seed is None else seed + i,
-                stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(prompts)]
-    engine = Engine(model, len(prompts), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
+    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
+    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end.
+    tools: answer the model's calculator calls. keep: a list that receives the engine rows (their tokens, and
+    which of them were sampled).
+    progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
+    ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
+    if num_beams > 1:
+        beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer)) for p in ids]
+        rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best
+    else:
+        rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,
+                            stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(ids)]
+    engine = Engine(model, len(every), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
                     longest_prompt=max(len(row.prompt) for row in rows))
     index = {id(row): i for i, row in enumerate(rows)}
     if keep is not None:
         keep.extend(rows)
-    for row in rows:
+    for row in every:
         start_reply(row, tokenizer, stop, tools)
-    engine.add(rows)
-    bar = None
-    if progress:
+    engine.add(every)
+    total, done, t0, bar = max(1, len(every) * max_new_tokens), 0, time.time(), None
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=max_new_tokens, unit='tok', desc='sampling', leave=False, file=sys.stderr)
+        bar = tqdm(total=total, unit='tok', desc='sampling', leave=False, file=sys.stderr, dynamic_ncols=True)
     while engine.rows:
-        for row, piece in decode_step(engine):
+        stepped = decode_step(engine)
+        for row, piece in stepped:
             if row.error is not None:
                 raise row.error
-            if piece:
+            if piece and id(row) in index:
                 yield index[id(row)], piece
+        done += len(stepped)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(stepped))
+        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
+            rate = done / max(time.time() - t0, 1e-6)
+            print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
+                  file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
 
 
 def main():
+    if threads < 0:
+        fail(f"threads must be >= 0, not {threads}")
+    set_threads(threads)
     try:
         model, tokenizer, info = load_model(init_from, out_dir, device, dtype, quantize)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -197,13 +234,16 @@ def main():
                 prompt = f.read()
         except OSError as e:
             fail(f"cannot read prompt file: {e}")
-    if num_samples < 1:
-        fail(f"num_samples must be >= 1, not {num_samples}")
+        except UnicodeDecodeError as e:
+            fail(f"the prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
+    if num_samples < 1 or max_new_tokens < 1 or num_beams < 1:
+        fail(f"num_samples, max_new_tokens and num_beams must be >= 1, not {num_samples}, {max_new_tokens} and {num_beams}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   stop=stop, tools=tools)
+                   stop=stop, num_beams=num_beams, tools=tools)
+    samples = num_samples if num_beams == 1 else 1  # beam search is deterministic: its one best beam
     try:  # the settings and the prompt, checked before any work
         Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty)
+            repetition_penalty=repetition_penalty, seed=seed)
     except ValueError as e:
         fail(str(e))
 
@@ -238,21 +278,22 @@ def main():
 
     if stream:
         # one sample at a time, printed as it decodes
-        for i in range(num_samples):
+        for i in range(samples):
             for _, piece in generate_text(model, tokenizer, [prompt], max_new_tokens, seed=seed + i, **options):
                 print(piece, end='', flush=True)
             print('\n---------------', flush=True)
         return
     t0 = time.time()
-    texts = [''] * num_samples
-    for row, piece in generate_text(model, tokenizer, [prompt] * num_samples, max_new_tokens, seed=seed,
+    texts = [''] * samples
+    for row, piece in generate_text(model, tokenizer, [prompt] * samples, max_new_tokens, seed=seed,
                                     progress=True, **options):
         texts[row] += piece
     dt = time.time() - t0
     for text in texts:
         print(prompt + text)
         print('---------------')
-    print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f}s", file=sys.stderr)
+    print(f"{samples} x {max_new_tokens} tokens in {dt:.2f}s" + (f" ({num_beams} beams)" if num_beams > 1 else ''),
+          file=sys.stderr)
 
 
 if __name__ == '__main__':

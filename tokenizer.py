@@ -6,11 +6,15 @@ Tokenizers: text <-> token ids, read from the meta.pkl a data/*/prepare.py scrip
   them from TIKTOKEN_CACHE_DIR), optionally with the chat special tokens appended.
 - 'bpe': a byte-level BPE trained on your own text with rustbpe (train_bpe); meta.pkl holds
   its ranks, split pattern and special tokens, so only tiktoken is needed to use it.
+- 'hf': a transformers model's own tokenizer (Llama models: SmolLM2, TinyLlama, ...): its
+  tokenizer.json read by the tokenizers library, and its chat template (hf_tokenizer_meta).
 
 load_tokenizer() is the one place that finds and reads a model's meta.pkl; sample.py,
 serve.py, bench.py and the prepare scripts all go through it. render_chat() is the one
 rendering of a conversation: prepare, sample.py --chat and serve.py all call it.
 """
+import datetime
+import hashlib
 import json
 import os
 import pickle
@@ -34,13 +38,17 @@ class Tokenizer:
     ids it can produce and decode; eot is GPT-2's <|endoftext|> id (None otherwise).
     encode never produces a special token: text that spells one is ordinary text.
     special_tokens: {name: id} of the chat tokens; key: what must match for two tokenizers
-    to give the same ids to ordinary text (a fine-tune checks its base model's)."""
+    to give the same ids to ordinary text (a fine-tune checks its base model's); chat_template, stop_ids:
+    a transformers model's own (hf_tokenizer)."""
 
-    def __init__(self, name, encode, token_bytes, n_vocab, eot=None, encode_prompt=None, special_tokens=None, key=None):
+    def __init__(self, name, encode, token_bytes, n_vocab, eot=None, encode_prompt=None, special_tokens=None, key=None,
+                 chat_template=None, stop_ids=()):
         self.name, self.encode, self.token_bytes, self.n_vocab, self.eot = name, encode, token_bytes, n_vocab, eot
         self._encode_prompt = encode_prompt or encode
         self.special_tokens = dict(special_tokens or {})
         self.key = key or (name,)
+        self.chat_template = chat_template  # a model's own ChatTemplate (render_chat uses it), or None
+        self.stop_ids = list(stop_ids)  # more ids that end a generation (a model's generation_config.json)
 
     def decode(self, ids):
         return self.token_bytes(ids).decode('utf-8', errors='replace')
@@ -103,6 +111,159 @@ def bpe_tokenizer(meta):
                               key=('bpe', meta['pattern'], tuple(sorted(ranks, key=ranks.get))))
 
 
+def byte_chars():
+    """GPT-2's printable stand-in for every byte: byte-level BPE files (vocab.json, merges.txt,
+    tokenizer.json, GGUF) write tokens as strings of these characters."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+# what transformers names a tokenizer's special tokens (tokenizer_config.json); chat templates see them by these names
+SPECIAL_NAMES = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token')
+# the files of a transformers model directory that hold its tokenizer and chat template
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja',
+                   'generation_config.json')
+
+
+def pretrained_dir(name_or_path, weights=True):
+    """A local directory holding a transformers model: name_or_path itself when it is one, else the hub
+    model of that id ('HuggingFaceTB/SmolLM2-135M'), whose tokenizer files (and config and weights)
+    huggingface_hub downloads once into its cache. ValueError when it is neither."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from huggingface_hub import snapshot_download
+        weight_files = ['config.json', '*.safetensors', '*.safetensors.index.json'] if weights else []
+        return snapshot_download(name_or_path, allow_patterns=[*TOKENIZER_FILES, *weight_files])
+    except Exception as e:  # a bad id, no network, no such model
+        reason = (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"{name_or_path} is not a local directory, and cannot be downloaded from the Hugging Face "
+                         f"hub: {type(e).__name__}: {reason}") from None
+
+
+def hf_tokenizer_meta(path):
+    """meta.pkl's dict for the tokenizer of a transformers model directory: its tokenizer.json as text,
+    its chat template and special token names (tokenizer_config.json, chat_template.jinja) and the ids its
+    generation_config.json ends a generation with. Plain data, so out_dir/meta.pkl can carry it."""
+    def read(name, default=None, parse=True):
+        try:
+            with open(os.path.join(path, name), encoding='utf-8') as f:
+                return json.load(f) if parse and name.endswith('.json') else f.read()
+        except FileNotFoundError:
+            return default
+    try:
+        text = read('tokenizer.json', parse=False)
+        config = {**read('special_tokens_map.json', {}), **read('tokenizer_config.json', {})}
+        generation = read('generation_config.json', {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the tokenizer in {path}: {e}")
+    if text is None:
+        raise ValueError(f"{path} has no tokenizer.json")
+    from tokenizers import Tokenizer as Library
+    try:
+        n = Library.from_str(text).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library's own error type
+        raise ValueError(f"{path}/tokenizer.json is not a tokenizer the tokenizers library reads: {e}") from None
+    template = read('chat_template.jinja') or config.get('chat_template')
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t['template'] for t in template if t.get('name') == 'default'), None)
+    names = {k: v['content'] if isinstance(v, dict) else v for k in SPECIAL_NAMES if (v := config.get(k))}
+    stop = generation.get('eos_token_id')
+    return {'tokenizer': 'hf', 'tokenizer_json': text, 'chat_template': template, **names,
+            'stop_ids': stop if isinstance(stop, list) else [stop] if isinstance(stop, int) else [],
+            'vocab_size': n, 'dtype': 'uint16' if n <= 65536 else 'uint32'}
+
+
+def hf_tokenizer(meta):
+    """A Tokenizer over a tokenizer.json (the tokenizers library): byte-level BPE as SmolLM2's or Llama 3's,
+    or SentencePiece-style BPE (▁ for a space, <0x..> byte tokens) as Llama 2's and TinyLlama's.
+    encode() keeps text that spells a special token as text; a prompt, like a chat template's
+    rendering, gets its special tokens (and a BOS where the tokenizer adds one), as transformers does."""
+    from tokenizers import Tokenizer as Library
+    full = Library.from_str(meta['tokenizer_json'])
+    ordinary = Library.from_str(meta['tokenizer_json'])
+    ordinary.encode_special_tokens = True
+    vocab, added = full.get_vocab(with_added_tokens=True), full.get_added_tokens_decoder()
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(meta['tokenizer_json']).get('decoder'))
+    unbyte = {c: b for b, c in byte_chars().items()}
+    # each id's exact bytes, so a stream can join pieces of a character split across tokens
+    table = [b''] * (max(vocab.values()) + 1)
+    for piece, i in vocab.items():
+        if not byte_level and re.fullmatch(r'<0x[0-9A-F]{2}>', piece):  # SentencePiece's byte fallback
+            table[i] = bytes([int(piece[3:5], 16)])
+        elif i in added:
+            table[i] = piece.encode('utf-8')
+        elif byte_level and all(c in unbyte for c in piece):
+            table[i] = bytes(unbyte[c] for c in piece)
+        else:
+            table[i] = piece.replace('\u2581', ' ').encode('utf-8')
+
+    def token_bytes(ids):
+        try:
+            return b''.join(table[i] for i in ids)
+        except (IndexError, TypeError):
+            raise ValueError(f"token ids must be in 0..{len(table) - 1}") from None
+    names = {k: meta[k] for k in SPECIAL_NAMES if meta.get(k)}
+    template = ChatTemplate(meta['chat_template'], names, full) if meta.get('chat_template') else None
+    return Tokenizer('hf', lambda text: ordinary.encode(text, add_special_tokens=False).ids, token_bytes, len(table),
+                     eot=vocab.get(names.get('eos_token')), encode_prompt=lambda text: full.encode(text).ids,
+                     special_tokens={t.content: i for i, t in added.items() if t.special},
+                     key=('hf', hashlib.sha256(full.to_str().encode()).hexdigest()), chat_template=template,
+                     stop_ids=meta.get('stop_ids', ()))
+
+
+class ChatTemplate:
+    """A model's own chat template (jinja) rendered as transformers' apply_chat_template renders it:
+    a sandbox with the same options, filters and names, and the rendered text tokenized with its
+    special tokens recognised (so, as there, a message that spells one gets that token)."""
+
+    def __init__(self, source, names, library_tokenizer):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
+        env.filters['tojson'] = tojson
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"cannot read the chat template: {e}")
+        self.names, self.library, self.error = names, library_tokenizer, jinja2.TemplateError
+
+    def render(self, messages, add_generation_prompt):
+        """The text of [(role, content), ...]; with add_generation_prompt, followed by the assistant's header."""
+        try:
+            return self.template.render(messages=[{'role': r, 'content': c} for r, c in messages], tools=None,
+                                        documents=None, add_generation_prompt=add_generation_prompt, **self.names)
+        except self.error as e:
+            raise ValueError(f"the chat template refuses this conversation: {e}")
+
+    def prompt(self, messages):
+        return self.library.encode(self.render(messages, True), add_special_tokens=False).ids
+
+    def tokens(self, messages):
+        """(ids, mask) of a whole conversation, as chat_tokens. A reply is what rendering it adds after the
+        conversation before it with the assistant's header: its text and the template's end of turn."""
+        text, replies = self.render(messages, False), []
+        for i, (role, _) in enumerate(messages):
+            if role == 'assistant':
+                before, through = self.render(messages[:i], True), self.render(messages[:i + 1], False)
+                if not (through.startswith(before) and text.startswith(through)):
+                    raise ValueError("the chat template does not render a conversation turn after turn: its replies "
+                                     "cannot be told apart for the loss")
+                replies.append((len(before), len(through)))
+        encoding = self.library.encode(text, add_special_tokens=False)
+        mask = [int(any(start < b and end > a for a, b in replies)) for start, end in encoding.offsets]
+        return encoding.ids, mask
+
+
 def gpt2_chat_meta():
     """meta.pkl for GPT-2's BPE with the chat tokens appended (50257..50261)."""
     return {'tokenizer': 'gpt2', 'vocab_size': 50257 + len(SPECIAL_TOKENS), 'dtype': 'uint16',
@@ -135,8 +296,15 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 def read_meta(path):
-    with open(path, 'rb') as f:
-        return _PlainDataUnpickler(f).load()
+    """The dict in a meta.pkl; ValueError (one line) for a file that is not plain data or not whole."""
+    try:
+        with open(path, 'rb') as f:
+            meta = _PlainDataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is not a valid meta.pkl: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a valid meta.pkl: it holds a {type(meta).__name__}, not a dict")
+    return meta
 
 
 def meta_path_for(out_dir=None, dataset=None):
@@ -156,19 +324,36 @@ def tokenizer_from_meta(meta):
         return gpt2_tokenizer(meta.get('special_tokens'))
     if kind == 'bpe':
         return bpe_tokenizer(meta)
+    if kind == 'hf':
+        return hf_tokenizer(meta)
     raise ValueError(f"unknown tokenizer '{kind}' in meta.pkl")
 
 
 def load_tokenizer(out_dir=None, dataset=None):
-    """The tokenizer of a model: see meta_path_for; GPT-2's BPE when there is no meta.pkl."""
+    """The tokenizer of a model: see meta_path_for; for a transformers model directory without one,
+    its tokenizer.json (hf_tokenizer); GPT-2's BPE when there is neither."""
     path = meta_path_for(out_dir, dataset)
+    if path is None and out_dir and os.path.exists(os.path.join(out_dir, 'tokenizer.json')):
+        return hf_tokenizer(hf_tokenizer_meta(out_dir))
     if path is None:
         return gpt2_tokenizer()
     print(f"Loading meta from {path}...", file=sys.stderr)
+    meta = read_meta(path)
     try:
-        return tokenizer_from_meta(read_meta(path))
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid meta.pkl: {e}") from None
+        return tokenizer_from_meta(meta)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid meta.pkl: {type(e).__name__}: {e}") from None
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizers give text the same ids: the same one, or (GPT-2's BPE through tiktoken and
+    through a tokenizer.json) the same ids on a text of words, digits, spaces and other scripts."""
+    def ids(tokenizer):
+        try:
+            return tokenizer.encode("It's 1,234.5 -- naïve café, 日本語 🤖\n\n  THE END. ")
+        except ValueError:  # a character vocabulary without these characters
+            return None
+    return a.key == b.key or ids(a) is not None and ids(a) == ids(b)
 
 
 def check_vocab(tokenizer, vocab_size):
@@ -227,6 +412,10 @@ def chat_tokens(tokenizer, messages):
     An assistant's content may be a list of parts (see parse_conversation): a calculator call is
     <|python_start|>expr<|python_end|>, learned; its output <|output_start|>result<|output_end|> is
     not, as the calculator, not the model, writes it when the model runs."""
+    if tokenizer.chat_template is not None:  # a model's own template: see ChatTemplate.tokens
+        if any(not isinstance(content, str) for _, content in messages):
+            raise ValueError("calculator calls need this project's chat tokens; a model's own chat template has none")
+        return tokenizer.chat_template.tokens(messages)
     special = tokenizer.special_tokens
     ids, mask = [special['<|bos|>']], [0]
     system = []
@@ -262,7 +451,10 @@ def render_chat(tokenizer, messages):
     and the stop strings that end that reply. A chat tokenizer renders chat_tokens and
     <|assistant_start|>; the reply ends at <|assistant_end|> (sample.py's stop_tokens_of).
     A base model has never seen a chat: it gets a plain transcript to continue after
-    'Assistant:', and stops where it would write the next turn."""
+    'Assistant:', and stops where it would write the next turn. A model with its own chat template
+    (a transformers model's) gets that, and stops at its end-of-turn token (stop_tokens_of)."""
+    if tokenizer.chat_template is not None:
+        return tokenizer.chat_template.prompt(messages), []
     if '<|assistant_start|>' in tokenizer.special_tokens:
         ids, _ = chat_tokens(tokenizer, messages)
         return ids + [tokenizer.special_tokens['<|assistant_start|>']], []

@@ -42,7 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
 from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint, write_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, read_meta, tokenizer_from_meta
+from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
+from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
+                       tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 (124M) on OpenWebText
@@ -54,7 +56,7 @@ eval_iters = 200
 eval_only = False  # evaluate once, then exit
 eval_full_val = False  # at the end, also report the loss over the whole val split (non-overlapping windows)
 always_save_checkpoint = True  # False: save only when val loss improves
-init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py)
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local transformers directory (e.g. from export.py) or hub id
 #   | a base model's out_dir (holding ckpt.pt): fine-tune its weights in a new run written to out_dir
 # wandb logging
 wandb_log = False
@@ -79,7 +81,9 @@ rope_theta = 10000.0
 use_alibi = False
 norm = 'layernorm'
 qk_norm = False
-mlp = 'gelu'
+mlp = 'gelu'  # 'gelu' | 'relu2' | 'swiglu' (with use_rope, norm='rmsnorm', bias=False: the Llama architecture)
+intermediate_size = 0  # swiglu's hidden width (0: LLaMA's 8/3 * n_embd, rounded up to a multiple of 256)
+rms_norm_eps = 1e-6  # the epsilon of norm='rmsnorm'
 logit_softcap = 0.0
 tie_embeddings = True
 embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
@@ -106,17 +110,28 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, float16 on older GPUs, else float32; or name one
 compile = True  # torch.compile the model (PyTorch 2); with no working compiler here: one line, then without
-peak_flops = 312e12  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12
+peak_flops = 0.0  # for MFU: A100 bf16 = 312e12, H100 SXM bf16 ~= 989e12; 0: an A100 on a GPU, no MFU on a CPU
 # -----------------------------------------------------------------------------
 # on resume the architecture comes from the checkpoint; these defaults tell which of them this run set
 architecture_defaults = {k: globals()[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout',
                                                    'n_kv_head', 'use_rope', 'rope_theta', 'use_alibi', 'norm',
-                                                   'qk_norm', 'mlp', 'logit_softcap', 'tie_embeddings',
-                                                   'embed_norm')}
+                                                   'qk_norm', 'mlp', 'intermediate_size', 'rms_norm_eps',
+                                                   'logit_softcap', 'tie_embeddings', 'embed_norm')}
 configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
 
+# settings that cannot work stop here, before any work, with one line
+problems = [f"{k} must be >= 1, not {globals()[k]}" for k in ('batch_size', 'block_size', 'gradient_accumulation_steps',
+            'eval_interval', 'log_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd') if globals()[k] < 1]
+problems += [f"{k} must be >= 0, not {globals()[k]}" for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_kv_head')
+             if globals()[k] < 0]
+problems += [f"{k} must be a finite number >= 0, not {globals()[k]}" for k in ('learning_rate', 'min_lr', 'muon_lr',
+             'weight_decay', 'grad_clip', 'logit_softcap') if not (math.isfinite(globals()[k]) and globals()[k] >= 0)]
+problems += [f"{k} must be >= 0 and < 1, not {globals()[k]}" for k in ('beta1', 'beta2', 'muon_momentum', 'dropout')
+             if not 0 <= globals()[k] < 1]
+if problems:
+    fail(problems[0])
 try:
     dtype = auto_dtype(device, dtype)
     ptdtype = check_device_dtype(device, dtype)
@@ -200,7 +215,10 @@ ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=de
 # data: token files written by data/<dataset>/prepare.py, read through np.memmap
 data_dir = os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.pkl')
-meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+try:
+    meta = read_meta(meta_path) if os.path.exists(meta_path) else {}
+except ValueError as e:
+    fail(str(e))
 
 
 def dataset_tokenizer():
@@ -228,12 +246,20 @@ def get_batch(split, generator):
         ix = starts[split][torch.randint(len(starts[split]), (batch_size,), generator=generator).numpy()]
     else:
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    window = check_ids(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64), split)
     x, y = torch.from_numpy(window[:, :-1].copy()), masked_targets(split, ix, window[:, 1:])
     if device_type == 'cuda':
         # pin x,y so they move to the GPU asynchronously (non_blocking=True)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def check_ids(window, split):
+    # an id past the model's vocabulary would index past its embedding: a traceback on a CPU, a device assert on a GPU
+    if window.max() >= model_args['vocab_size']:
+        fail(f"{os.path.join(data_dir, split + '.bin')} holds token id {window.max()}, past the model's vocabulary of "
+             f"{model_args['vocab_size']}: was it prepared with another tokenizer? Prepare the dataset again")
+    return window
 
 
 def masked_targets(split, ix, y):
@@ -273,8 +299,9 @@ best_val_loss = 1e9
 saved_iter = None  # the iteration out_dir/ckpt.pt holds, once this run has loaded or saved one
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout, n_kv_head=n_kv_head, use_rope=use_rope, rope_theta=rope_theta,
-                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, logit_softcap=logit_softcap,
-                  tie_embeddings=tie_embeddings, embed_norm=embed_norm)
+                  use_alibi=use_alibi, norm=norm, qk_norm=qk_norm, mlp=mlp, intermediate_size=intermediate_size,
+                  rms_norm_eps=rms_norm_eps, logit_softcap=logit_softcap, tie_embeddings=tie_embeddings,
+                  embed_norm=embed_norm)
 checkpoint = None
 if init_from == 'scratch':
     if master_process:
@@ -330,18 +357,27 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
     except ValueError as e:
         fail(str(e))
     base = None
-elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:  # the architecture comes from the directory's config.json, whatever the settings say
+        if not init_from.startswith('gpt2'):
+            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M'): downloaded once
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        # a model with its own tokenizer (a Llama model's tokenizer.json, export.py's meta.pkl) learns only from data in it
+        if os.path.isdir(init_from) and {'meta.pkl', 'tokenizer.json'} & set(os.listdir(init_from)):
+            if not same_tokenizer(load_tokenizer(init_from), dataset_tokenizer()):
+                raise ValueError(f"{init_from} has another tokenizer than {data_dir}: prepare the data with it (for "
+                                 f"conversations: data/chat/prepare.py --template_from={init_from})")
+            check_vocab(dataset_tokenizer(), model.config.vocab_size)
     except (ValueError, OSError) as e:
         fail(str(e))
 else:
-    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory or a "
-         f"model's out_dir, not '{init_from}'")
-if block_size < model.config.block_size:
+    fail(f"init_from must be 'scratch', 'resume', a gpt2 name, a local transformers directory, a hub id "
+         f"(owner/name) or a model's out_dir, not '{init_from}'")
+if block_size < model.config.block_size and model.config.learned_positions:
     model.crop_block_size(block_size)  # e.g. fine-tune GPT-2 (1024) on shorter windows
+# a rotary or ALiBi model keeps the context it has (a Llama model's: its config's): only its windows here are shorter
 elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
@@ -352,10 +388,14 @@ for split in ('train', 'val'):
     if n_tokens <= block_size:
         fail(f"{path} has {n_tokens} tokens, too few for one block of {block_size}+1: use more data or a smaller block_size")
 if masked:
-    bos = meta['special_tokens']['<|bos|>']
+    bos = meta.get('special_tokens', {}).get('<|bos|>')
     for split in ('train', 'val'):
         data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
-        starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        if bos is not None:
+            starts[split] = np.flatnonzero(data[:len(data) - block_size] == bos)
+        else:  # a model's own chat template: prepare.py marks each conversation's first token with a 2 in the mask
+            mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+            starts[split] = np.flatnonzero(mask[:len(data) - block_size] == 2)
         if len(starts[split]) == 0:
             fail(f"{split}.bin has no conversation that starts {block_size}+1 tokens before its end: use a smaller block_size")
 
@@ -371,9 +411,7 @@ def tokens_per_byte():
     targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
     if masked:
         targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
-    counts = np.bincount(targets, minlength=len(lengths))[:len(lengths)]
-    n_bytes = int(counts @ lengths)
-    return len(targets) / n_bytes if n_bytes else None
+    return targets_per_byte(targets, lengths)
 
 
 val_tokens_per_byte = tokens_per_byte() if master_process else None
@@ -391,8 +429,15 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
                                        optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
-for group in optimizer.param_groups:
-    group.setdefault('initial_lr', group['lr'])  # the schedule scales each group's own peak rate
+
+
+def set_peak_lrs():
+    # the schedule scales each group's own peak rate: this run's learning_rate, or muon_lr for Muon's matrices
+    for group in optimizer.param_groups:
+        group['initial_lr'] = muon_lr if group.get('use_muon') else learning_rate
+
+
+set_peak_lrs()  # before a resumed state loads too: its groups carry the key
 
 
 def dcp_reason(e):
@@ -431,6 +476,7 @@ elif checkpoint is not None:
 if checkpoint is not None and 'scaler' in checkpoint:
     scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
+set_peak_lrs()  # again: a resumed optimizer state brought the old run's
 
 raw_model = model
 if compile:
@@ -472,21 +518,14 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    n_windows = (len(data) - 1) // block_size
-    total, count = 0.0, 0
+    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked else None
     raw_model.eval()
-    for start in range(0, n_windows, batch_size):
-        ix = np.arange(start, min(start + batch_size, n_windows)) * block_size
-        window = data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)
-        x, y = torch.from_numpy(window[:, :-1]).to(device), masked_targets('val', ix, window[:, 1:]).to(device)
-        n = int((y != -1).sum())
-        if n:  # a window of another role's tokens only has nothing to count
-            with ctx:
-                _, loss = raw_model(x, y)
-            total += loss.item() * n
-            count += n
+    try:
+        loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)
+    except ValueError as e:  # a token id past the vocabulary
+        fail(f"{os.path.join(data_dir, 'val.bin')}: {e}")
     raw_model.train()
-    return total / count
+    return loss
 
 
 def get_lr(it):
@@ -599,9 +638,17 @@ def last_checkpoint():
     return f"{ckpt_path} is as it was before this run" if os.path.exists(ckpt_path) else "no checkpoint was saved"
 
 
+def diverged(what):
+    fail(f"{what} at iteration {iter_num}: training diverged (try a lower learning_rate); stopped before saving it, "
+         f"{last_checkpoint()}")
+
+
 # logging
 if wandb_log and master_process:
-    import wandb
+    try:
+        import wandb
+    except ImportError:  # not in requirements.txt: only wandb_log needs it
+        fail("wandb_log=True needs wandb: pip install wandb")
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 
@@ -621,15 +668,47 @@ def interrupted(signum, frame):
 signal.signal(signal.SIGINT, interrupted)
 signal.signal(signal.SIGTERM, interrupted)
 
+
+class AboveTheBar:
+    """stdout or stderr while the progress bar is drawn: each whole line is written above the bar, not through it."""
+
+    def __init__(self, stream, bar):
+        self.stream, self.bar, self.partial = stream, bar, ''
+
+    def write(self, text):
+        lines, newline, self.partial = (self.partial + text).rpartition('\n')
+        if newline:
+            self.bar.clear()
+            self.stream.write(lines + newline)
+            self.stream.flush()
+            self.bar.refresh()
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, ...
+        return getattr(self.stream, name)
+
+
+# progress: on a terminal a bar (loss, tok/s, ETA) with the evaluations printed above it; elsewhere (a file, CI,
+# serve.py's page, which parses them) nanoGPT's log lines
+bar = None
+if master_process and sys.stdout.isatty() and not eval_only:
+    from tqdm import tqdm
+    bar = tqdm(desc='training', total=max_iters, initial=iter_num, unit='it', file=sys.stdout, dynamic_ncols=True)
+    sys.stdout, sys.stderr = AboveTheBar(sys.stdout, bar), AboveTheBar(sys.stderr, bar)
+# MFU means something against a GPU's peak; a CPU's only if the user gives its peak_flops
+mfu_peak = peak_flops or (312e12 if device_type == 'cuda' else 0.0)
+
 # training loop
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = -1.0
 try:
     while True:
+        # every eval_interval iterations, and at the end, the loss is evaluated and a checkpoint written
+        evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
         # dropout masks come from the global RNG: re-seed it from the iteration number at every
         # evaluation (where checkpoints are written) so a resumed run continues exactly
-        if iter_num % eval_interval == 0:
+        if evaluating:
             torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
 
         # set the learning rate of every group for this iteration
@@ -638,8 +717,10 @@ try:
             group['lr'] = group['initial_lr'] * lr / learning_rate
 
         # evaluate the loss on train/val sets and write checkpoints
-        if iter_num % eval_interval == 0 and (master_process or fsdp):  # FSDP: every rank joins every forward
+        if evaluating and (master_process or fsdp):  # FSDP: every rank joins every forward
             losses = estimate_loss()
+            if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+                diverged(f"the evaluated loss is {float(losses['val'])}")
             if master_process:
                 bpb = f", val bpb {losses['val'] / math.log(2) * val_tokens_per_byte:.4f}" if val_tokens_per_byte else ''
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{bpb}")
@@ -652,10 +733,11 @@ try:
                     if master_process:
                         print(f"saving checkpoint to {out_dir}")
                     save_checkpoint()
-        if iter_num == 0 and eval_only:
+        if iter_num >= max_iters or (iter_num == 0 and eval_only):
             break
 
         # forward backward update, with gradient accumulation to simulate a larger batch
+        step_loss = torch.zeros((), device=device)
         for micro_step in range(gradient_accumulation_steps):
             # number micro-batches across all ranks: N processes draw the same global batch as one
             X, Y = get_batch('train', batch_generator('train', iter_num, micro_step * ddp_world_size + ddp_rank))
@@ -669,6 +751,13 @@ try:
                 logits, loss = model(X, Y)
                 loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
             scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        # a diverged run stops before its non-finite weights can reach a checkpoint (one sync an iteration;
+        # with DDP every rank sees the sum, so they stop together)
+        if ddp:
+            torch.distributed.all_reduce(step_loss)
+        if not math.isfinite(step_loss.item()):
+            diverged(f"the loss is {step_loss.item()}")
         if grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -683,23 +772,32 @@ try:
         if iter_num % log_interval == 0 and master_process:
             # loss.item() waits for the GPU; scale up to undo the division above (approximate: last micro-step only)
             lossf = loss.item() * gradient_accumulation_steps
-            if local_iter_num >= 5:  # let the training loop settle a bit
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+            if local_iter_num >= 5 and mfu_peak:  # let the training loop settle a bit
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, mfu_peak, block_size)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""  # measured from the 6th iteration
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+            if bar is None:
+                print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+            else:
+                rate = bar.format_dict['rate']  # iterations/s, smoothed as for the ETA (evaluations included)
+                speed = f", {rate * tokens_per_iter:,.0f} tok/s" if rate else ''
+                bar.set_postfix_str(f"loss {lossf:.4f}{speed}{mfu_text}", refresh=False)
+        if bar is not None:
+            bar.update(1)
         iter_num += 1
         local_iter_num += 1
-
-        # termination conditions
-        if iter_num > max_iters:
-            break
 except KeyboardInterrupt as e:
     if master_process:
         print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+finally:
+    if bar is not None:  # the streams as they were, and the finished bar left on screen
+        sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
+        bar.close()
 
+if master_process and not eval_only:
+    print(f"done: {last_checkpoint()}")
 if eval_full_val and (master_process or fsdp):
     full_loss = full_val_loss()
     if master_process:

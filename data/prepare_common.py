@@ -2,6 +2,7 @@
 Helpers shared by the data/*/prepare.py scripts: refuse input that is not text, download
 without leaving half a file, and write train.bin/val.bin/meta.pkl all or nothing.
 """
+import http.client
 import os
 import pickle
 import urllib.request
@@ -42,8 +43,8 @@ def download(url, path):
         with open(tmp, 'wb') as f:
             f.write(raw)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        fail(f"could not download {url}: {e}")
+    except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: the body was cut short
+        fail(f"could not download {url}: {type(e).__name__}: {e}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -4,11 +4,13 @@ subprocess with a tiny random char-level model. Skipped when chromium, chromedri
 selenium are not installed (apt-get install chromium chromium-driver; pip install selenium).
 """
 import os
+import pickle
 import shutil
 
 import pytest
 
-from test_serve import project_dataset, start_server, stop_server, tiny_run_overrides, write_checkpoint
+from test_serve import TEXT, project_dataset, start_server, stop_server, tiny_run_overrides, write_checkpoint
+from tokenizer import train_bpe
 
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium') or '/usr/bin/chromium', '/usr/bin/chromedriver'
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
@@ -46,6 +48,7 @@ def browser(tmp_path_factory):
                  '--disable-background-networking', '--disable-component-update', '--disable-sync',
                  '--disable-dev-shm-usage', f'--user-data-dir={profile}', '--window-size=1200,1000']:
         options.add_argument(flag)
+    options.set_capability('goog:loggingPrefs', {'browser': 'ALL'})  # the console, for its errors
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
@@ -67,6 +70,10 @@ def cell(driver, name):
                                  "return td ? td.textContent : null;", name)
 
 
+def value(driver, element_id):
+    return driver.execute_script("return document.getElementById(arguments[0]).value", element_id)
+
+
 def set_value(driver, element_id, value):
     # like a user dragging a slider or typing: set the value, then fire the events the page listens to
     driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
@@ -77,6 +84,13 @@ def set_value(driver, element_id, value):
 def test_generate_streams_into_the_page(browser, url, tmp_path):
     browser.get(url)
     wait(browser, lambda: by_id(browser, 'model-name').text == 'out-tiny')
+    # a base model: the page opens on Generate, sampling at 0.8 in both tabs; the icon is there
+    assert 'active' in by_id(browser, 'tab-generate').get_attribute('class')
+    assert by_id(browser, 'gen-prompt').get_attribute('value') == 'ROMEO:'
+    assert value(browser, 'gen-temperature') == value(browser, 'chat-temperature') == '0.8'
+    assert browser.execute_async_script("fetch('/favicon.ico').then(r => arguments[0]("
+                                        "[r.status, r.headers.get('Content-Type')]))") == [200, 'image/svg+xml']
+    assert by_id(browser, 'api-key').get_attribute('placeholder') == 'not needed'
     set_value(browser, 'gen-prompt', 'the quick')
     set_value(browser, 'gen-max-tokens', 3000)
     by_id(browser, 'gen-run').click()
@@ -108,6 +122,30 @@ def test_chat_tab(browser, url, tmp_path):
     assert [m.get_attribute('class') for m in messages] == ['msg user', 'msg assistant']
     assert 'the fox?' in messages[0].text
     browser.save_screenshot(str(tmp_path / 'chat.png'))
+
+
+def test_a_chat_model_opens_on_the_chat_tab_greedy(browser, tmp_path):
+    # a chat model: its tokenizer renders turns with special tokens (a small BPE here)
+    out_dir = write_checkpoint(tmp_path / 'out-chat', vocab_size=300, meta=False)
+    with open(os.path.join(out_dir, 'meta.pkl'), 'wb') as f:
+        pickle.dump(train_bpe([TEXT * 20], 300), f)
+    proc, url = start_server(str(tmp_path), out_dir)
+    try:
+        browser.get_log('browser')  # from here on: this page's console
+        browser.get(url)
+        wait(browser, lambda: 'active' in by_id(browser, 'tab-chat').get_attribute('class'))
+        assert by_id(browser, 'panel-chat').is_displayed() and not by_id(browser, 'panel-generate').is_displayed()
+        # greedy, as its held-out questions are scored; no Shakespeare prompt waiting in Generate
+        assert value(browser, 'chat-temperature') == '0' and by_id(browser, 'chat-temperature-value').text == '0'
+        assert value(browser, 'gen-prompt') == ''
+        set_value(browser, 'chat-max-tokens', 20)
+        by_id(browser, 'chat-input').send_keys('the fox?\n')
+        wait(browser, lambda: by_id(browser, 'chat-status').text.startswith('finish'))
+        # nothing failed to load, the icon included
+        assert [e for e in browser.get_log('browser') if e['level'] == 'SEVERE'] == []
+        browser.save_screenshot(str(tmp_path / 'chat-model.png'))
+    finally:
+        stop_server(proc)
 
 
 def test_train_tab_draws_the_loss_chart(browser, url, tiny, tmp_path):
@@ -153,6 +191,7 @@ def test_api_key_from_the_page(browser, tiny, tmp_path):
     try:
         browser.get(url)
         wait(browser, lambda: by_id(browser, 'model-name').text == 'API key needed')
+        assert by_id(browser, 'api-key').get_attribute('placeholder') == 'needed'
         set_value(browser, 'api-key', 'sekret')  # the change event stores it and retries
         wait(browser, lambda: by_id(browser, 'model-name').text == 'out-tiny')
         assert browser.execute_script("return localStorage.getItem('nanogpt_api_key')") == 'sekret'

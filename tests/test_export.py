@@ -350,7 +350,7 @@ def test_switches_without_a_transformers_class_are_named():
 
 def test_export_errors_are_one_line_and_write_nothing(runs):
     root = runs['root']
-    cases = [(['--out_dir=out-nanochat', '--format=gguf', '--to=x.gguf'], 'this model has use_rope=True'),
+    cases = [(['--out_dir=out-nanochat', '--format=gguf', '--to=x.gguf'], "this model has mlp='relu2', qk_norm=True"),
              (['--out_dir=out-char', '--to=hf-char'], 'hf-char exists')]
     before = set(os.listdir(root))
     procs = [(start(root, 'export.py', *args), message) for args, message in cases]

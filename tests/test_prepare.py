@@ -324,3 +324,27 @@ def test_custom_bad_url(tmp_path, http_root):
     for name in ('missing.txt', 'blob.txt'):
         assert_fails([CUSTOM, f'--input={url}/{name}', f'--out_dir={out}'], out, env=NO_PROXY)
         assert not out.exists()  # the folder the download made is gone again
+
+
+def test_custom_url_cut_short(tmp_path):
+    """A download whose body ends before its Content-Length (IncompleteRead) is one line, and leaves nothing."""
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header('Content-Length', '100000')
+            self.end_headers()
+            self.wfile.write(TEXT.encode()[:500])
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / 'out'
+        line = assert_fails([CUSTOM, f'--input=http://127.0.0.1:{server.server_address[1]}/book.txt', f'--out_dir={out}'],
+                            out, env=NO_PROXY)
+        assert 'IncompleteRead' in line and not out.exists()
+    finally:
+        server.shutdown()
+        server.server_close()

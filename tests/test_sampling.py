@@ -7,6 +7,7 @@ a user would run them, on a tiny checkpoint trained here.
 """
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from conftest import REPO, run_script
 import engine as engine_module
 from engine import apply_penalties, generate, sample_tokens
 from model import GPT, GPTConfig, KVCache
-from sample import TextStream, generate_text
+from sample import TextStream, generate_text, set_threads
 from tokenizer import char_tokenizer, gpt2_tokenizer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0)
@@ -286,6 +287,11 @@ def test_sample_script_prints_samples(workdir):
     for s in samples[:2]:
         assert s.startswith('the quick') and len(s.rstrip('\n')) > len('the quick')
         assert set(s) <= set(CHARS)
+    # progress into a pipe: a line on stderr at every tenth of the 2 x 30 tokens, no progress bar
+    progress = [line for line in proc.stderr.splitlines() if line.startswith('sampling: ')]
+    assert [int(re.fullmatch(r'sampling: (\d+)/60 tokens, [\d.]+ tok/s, \d+s left', line).group(1))
+            for line in progress] == list(range(6, 61, 6)), proc.stderr
+    assert '\r' not in proc.stderr
 
 
 def test_sample_script_interactive_through_a_pipe(workdir):
@@ -329,3 +335,14 @@ def test_bench_train_mode_and_profile(workdir):
                       env={'PYTHONPATH': str(REPO), **ONE_THREAD}, timeout=120)
     traces = list(trace_dir.glob('*.pt.trace.json'))
     assert len(traces) == 1 and traces[0].stat().st_size > 0, proc.stdout
+
+
+def test_set_threads_keeps_a_core_free_by_default():
+    before = torch.get_num_threads()
+    try:
+        for default, threads, expected in [(2, 0, 1), (8, 0, 7), (1, 0, 1), (2, 2, 2), (8, 3, 3)]:
+            torch.set_num_threads(default)
+            set_threads(threads)
+            assert torch.get_num_threads() == expected, (default, threads)
+    finally:
+        torch.set_num_threads(before)

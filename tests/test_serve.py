@@ -304,7 +304,7 @@ BAD_REQUESTS = [
     ('GET', '/api/train/log?offset=-1', b'', 400),
     ('GET', '/api/train/log?offset=abc', b'', 400),
     ('POST', '/api/model/load', {'out_dir': 5}, 400),
-    ('POST', '/api/model/load', {'out_dir': '/no/such/dir'}, 404),
+    ('POST', '/api/model/load', {'out_dir': '/no/such/dir'}, 403),  # outside the server's roots
     ('POST', '/api/train/start', {'config': 5}, 400),
 ]
 

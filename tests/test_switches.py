@@ -263,8 +263,8 @@ def runs(tmp_path_factory):
 
 def test_muon_run_resumes_exactly(runs):
     straight, first, resumed = iter_lines(runs['straight']), iter_lines(runs['first']), iter_lines(runs['resumed'])
-    assert [line.split(':')[0] for line in straight] == [f'iter {i}' for i in range(41)]
-    assert first == straight[:21]
+    assert [line.split(':')[0] for line in straight] == [f'iter {i}' for i in range(40)]
+    assert first == straight[:20]
     assert 'Resuming training' in runs['resumed']
     assert resumed[0].startswith('iter 20:') and resumed == straight[20:]
 
@@ -287,7 +287,7 @@ def test_default_switches_keep_gpt2_checkpoint_format(runs):
 
 
 def test_switches_are_recorded_and_reload(runs):
-    assert 'iter 20:' in runs['switched']
+    assert 'iter 19:' in runs['switched'] and 'done: out-switched/ckpt.pt holds iteration 20' in runs['switched']
     ckpt = torch.load(runs['root'] / 'out-switched' / 'ckpt.pt', map_location='cpu', weights_only=False)
     assert ckpt['model_args'] | SWITCHED == ckpt['model_args']
     assert 'rope_theta' not in ckpt['model_args']  # still at its default: not recorded

@@ -123,11 +123,16 @@ def test_save_on_a_full_disk(workdir, disk):
         assert re.search(r'needs \d+ KB, [\d.]+ [KM]B free', error), error
         assert leftovers(out) == []
         assert load_checkpoint(out)['iter_num'] == 5
-        # resume on the same full disk: the checkpoint just loaded is not written again
+        # resume: the checkpoint just loaded is not written again at iteration 5; the run's last, at 8, is
         inode = os.stat(out / 'ckpt.pt').st_ino
-        resumed = train(workdir, f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--eval_interval=5')
-        assert sorted(iter_losses(resumed.stdout)) == [5, 6, 7, 8]
-        assert 'saving checkpoint' not in resumed.stdout and os.stat(out / 'ckpt.pt').st_ino == inode
+        resumed = train(workdir, f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--eval_interval=5',
+                        check=False)
+        assert sorted(iter_losses(resumed.stdout)) == [5, 6, 7] and resumed.stdout.count('saving checkpoint') == 1
+        if disk == 'tmpfs':  # on the full disk that one does not fit either: one line, iteration 5 kept whole
+            assert f'{out}/ckpt.pt holds iteration 5' in one_line_error(resumed)
+            assert os.stat(out / 'ckpt.pt').st_ino == inode
+        else:
+            assert resumed.returncode == 0 and load_checkpoint(out)['iter_num'] == 8
         assert leftovers(out) == []
 
 
@@ -201,7 +206,7 @@ def test_resume_keeps_the_checkpoints_architecture(workdir):
     training_only = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd', '--block_size'))]
     proc = run_script(REPO / 'train.py', *training_only, f'--out_dir={out}', '--init_from=resume', '--max_iters=6',
                       '--eval_interval=2', '--learning_rate=5e-4', cwd=workdir, env={'PYTHONPATH': str(REPO)})
-    assert sorted(iter_losses(proc.stdout)) == [4, 5, 6]
+    assert sorted(iter_losses(proc.stdout)) == [4, 5]
     ckpt = load_checkpoint(out)
     assert ckpt['iter_num'] == 6 and ckpt['config']['learning_rate'] == 5e-4
     assert (ckpt['config']['n_layer'], ckpt['config']['n_embd'], ckpt['config']['block_size']) == (2, 32, 32)
@@ -222,7 +227,7 @@ def test_unwritable_out_dir_is_one_line_before_any_work(workdir, case):
 def test_lr_decay_iters_at_warmup_iters_and_mfu_once_measured(workdir):
     # warmup, then min_lr (it divided by zero at iteration 3)
     proc = train(workdir, '--out_dir=out-lr', '--warmup_iters=3', '--lr_decay_iters=3', '--max_iters=7',
-                 '--eval_interval=7')
-    assert sorted(iter_losses(proc.stdout)) == list(range(8))
+                 '--eval_interval=7', '--peak_flops=1e12')  # on a CPU, MFU only against a peak the user gives
+    assert sorted(iter_losses(proc.stdout)) == list(range(7))
     iters = [line for line in proc.stdout.splitlines() if line.startswith('iter ')]
     assert not any('mfu' in line for line in iters[:5]) and all(re.search(r'mfu \d', line) for line in iters[5:])

@@ -12,7 +12,9 @@ to data/<dataset>/ as train.bin/val.bin, train_mask.bin/val_mask.bin (uint8, one
 where the token is one the model learns to produce, the assistant's replies) and meta.pkl, plus
 train.jsonl/val.jsonl (in val.jsonl the last message is the reference reply, for chat_eval.py).
 The tokenizer is a BPE trained here on the train conversations (tokenizer='bpe'), GPT-2's with
-the special tokens appended ('gpt2'), or another dataset's (tokenizer_from='data/<name>').
+the special tokens appended ('gpt2'), or another dataset's (tokenizer_from='data/<name>'). With
+template_from=<a transformers model directory or hub id>, the conversations are rendered with that
+model's own tokenizer and chat template instead, to fine-tune it (config/finetune_smollm2.py).
 
 The task 'arith' asks 2- and 3-digit additions and subtractions and how often a letter occurs
 in a made-up word, each in several phrasings; the replies work it out digit by digit (letter by
@@ -49,6 +51,7 @@ n_val = 500  # held-out task conversations (at most this many from a hub dataset
 products_direct = 0.6
 tokenizer = 'bpe'  # 'bpe' (trained on the conversations) or 'gpt2' (GPT-2's, special tokens appended)
 tokenizer_from = ''  # a dataset folder (data/<name>) whose meta.pkl tokenizer to use instead
+template_from = ''  # a transformers model directory or hub id (a Llama model's): its tokenizer and chat template instead
 vocab_size = 512  # with tokenizer='bpe': 256 bytes + merges + 9 special tokens
 val_fraction = 0.1  # with --input (or a --mix FILE): the last 10% of the conversations are the validation set
 dataset = 'chat'  # outputs go to data/<dataset>/
@@ -61,8 +64,8 @@ from calculator import calculate
 from configurator import configure, fail
 from data.chat import sources
 from data.prepare_common import print_compression, write_outputs
-from tokenizer import (chat_tokens, content_text, gpt2_chat_meta, read_conversations, read_meta, tokenizer_from_meta,
-                       train_bpe)
+from tokenizer import (chat_tokens, content_text, gpt2_chat_meta, hf_tokenizer_meta, pretrained_dir, read_conversations,
+                       read_meta, tokenizer_from_meta, train_bpe)
 configure(globals())
 
 # --- the built-in task ---------------------------------------------------------
@@ -233,7 +236,11 @@ val_text = '\n'.join(content_text(content) for conversation in val for _, conten
 
 # the tokenizer
 try:
-    if tokenizer_from:
+    if template_from:  # to fine-tune that model (train.py --init_from=<it>) in its own chat format
+        meta = hf_tokenizer_meta(pretrained_dir(template_from, weights=False))
+        if not meta['chat_template']:
+            fail(f"{template_from} has no chat template")
+    elif tokenizer_from:
         meta = read_meta(os.path.join(tokenizer_from, 'meta.pkl'))
         if meta.get('tokenizer', 'char') == 'gpt2' and not meta.get('special_tokens'):
             meta = gpt2_chat_meta()
@@ -252,13 +259,14 @@ print_compression(enc, val_text)
 
 def render(conversations):
     ids, mask = [], []
-    for conversation in conversations:
+    for n, conversation in enumerate(conversations):
         try:
             i, m = chat_tokens(enc, conversation)
-        except ValueError as e:  # calculator calls and a tokenizer without their tokens
-            fail(str(e))
+        except ValueError as e:  # a model's template that refuses a conversation; calculator calls it cannot hold
+            fail(f"conversation {n + 1}: {e}")
         ids += i
-        mask += m
+        # with a model's template, a 2 marks where a conversation starts: train.py starts its windows there
+        mask += [2] + m[1:] if template_from else m
     return np.array(ids, dtype=np.dtype(meta['dtype'])), np.array(mask, dtype=np.uint8)
 
 
@@ -269,7 +277,7 @@ def jsonl(conversations):
 
 train_ids, train_mask = render(train)
 val_ids, val_mask = render(val)
-print(f"train has {len(train_ids):,} tokens ({train_mask.mean():.0%} of them the assistant's)")
+print(f"train has {len(train_ids):,} tokens ({(train_mask == 1).mean():.0%} of them the assistant's)")
 print(f"val has {len(val_ids):,} tokens")
 os.makedirs(out_dir, exist_ok=True)
 write_outputs(out_dir, {'train.bin': train_ids, 'val.bin': val_ids, 'train_mask.bin': train_mask,

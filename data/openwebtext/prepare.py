@@ -81,7 +81,10 @@ if data_files and '://' not in data_files:
             fail(f"data_files '{data_files}' is empty")
 
 # imported here, not at the top: it is slow to import and --help should not wait for it
-from datasets import load_dataset
+try:
+    from datasets import load_dataset
+except ImportError:  # not in requirements.txt: only this script needs it
+    fail("this script needs Hugging Face's datasets: pip install datasets")
 
 
 def one_line(e):
