@@ -16,11 +16,11 @@ install-cpu:
 install-test: install
 	pip install -r requirements-test.txt
 
-# prepare tiny Shakespeare, train the CPU config (a few minutes on a laptop), sample from it. One thread
-# for training a model this small: on a busy 2-core machine 2 threads were 3-6x slower (README, Threads)
+# prepare tiny Shakespeare, train the CPU config (a few minutes on a laptop), sample from it. Every core
+# trains: on a busy machine OMP_NUM_THREADS=1 python train.py ... is faster (README, Threads)
 demo: install
 	python data/shakespeare_char/prepare.py
-	OMP_NUM_THREADS=1 python train.py config/train_shakespeare_char_cpu.py
+	python train.py config/train_shakespeare_char_cpu.py
 	python sample.py --out_dir=out-shakespeare-char --device=cpu --num_samples=3 --max_new_tokens=300
 
 # build the chat task, train a chat model on it (minutes on 2 CPU cores), score it on held-out questions.

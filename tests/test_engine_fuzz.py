@@ -204,7 +204,7 @@ def test_random_operations_keep_the_engine_consistent(arch):
 
     for _ in range(OPS):
         op = rng.choices(['add', 'beam', 'bad', 'step', 'finish', 'reload', 'score', 'force'],
-                         [3, 0.4, 0.3, 6, 1.5, 0.1, 0.2, 0.8])[0]
+                         [3, 0.6, 0.3, 6, 1.5, 0.1, 0.2, 0.8])[0]
         free = MAX_ROWS - len(engine.rows)
         if op == 'add' and free:
             rows = [random_row(rng) for _ in range(rng.randint(1, free))]

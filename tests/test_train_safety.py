@@ -25,11 +25,10 @@ SLOW_SAVE = ['--n_layer=4', '--n_embd=192', '--n_head=4', '--eval_interval=1', '
              '--always_save_checkpoint=True']
 
 
-def start(workdir, *args, nice=0):
+def start(workdir, *args):
     return subprocess.Popen([sys.executable, str(REPO / 'train.py'), *TINY, *args], cwd=workdir,
                             env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc, prefix):
@@ -168,7 +167,7 @@ def test_interrupts_at_random_moments(workdir):
 
 def test_one_run_per_out_dir(workdir):
     out = workdir / 'out-lock'
-    first = start(workdir, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=1000', nice=19)
+    first = start(workdir, f'--out_dir={out}', '--max_iters=100000', '--eval_interval=1000')
     wait_for(first, 'iter 1:')
     t0 = time.time()
     second = train(workdir, f'--out_dir={out}', '--max_iters=2', check=False)
@@ -180,7 +179,7 @@ def test_one_run_per_out_dir(workdir):
     error = one_line_error(second)
     assert f'pid {first.pid}' in error and 'in use' in error, error
     first.send_signal(signal.SIGTERM)  # as a job scheduler stops a run
-    stdout, _ = first.communicate(timeout=60)
+    stdout, _ = first.communicate(timeout=300)  # generous: a busy machine's scheduling, not the run, sets it
     assert first.returncode == 143 and stdout.strip().splitlines()[-1].startswith('interrupted at iteration ')
     assert leftovers(out) == []
     # a run killed outright leaves its lock file and a temporary checkpoint: the next run takes over both

@@ -22,7 +22,7 @@ letter) before the answer, which a small model learns far faster than the bare a
 held-out questions (val) never occur in train. Its hard variant 'products' asks products of two
 3- to 5-digit numbers, which a small model cannot work out: the replies call the calculator
 (<|python_start|>a*b<|python_end|><|output_start|>a*b's value<|output_end|>Answer: the value),
-except, in train, some of those phrased 'a x b = ?' (products_direct); every val reply calls it.
+except, in train, some of those phrased 'What is a x b?' (products_direct); every val reply calls it.
 
 --mix takes a comma-separated list of sources, each NAME[:FILE][*EPOCHS]: NAME is one of
 sources.py's hub datasets (smoltalk, gsm8k, arc_easy, arc_challenge, mmlu), 'jsonl' (FILE
@@ -45,7 +45,7 @@ task = ''  # 'arith' or 'products': generate a built-in task instead of reading 
 mix = ''  # instead: sources mixed by epochs, e.g. 'smoltalk,gsm8k*2,mmlu:mmlu.parquet*0.5' (see above)
 n_train = 40000  # task conversations to train on
 n_val = 500  # held-out task conversations (at most this many from a hub dataset's held-out split)
-# products: how often a train question phrased 'a x b = ?' (one in 21) is answered without the calculator, as a
+# products: how often a train question phrased 'What is a x b?' (one in 14) is answered without the calculator, as a
 # person might write it: a model fine-tuned on that answers such questions without it, and wrong, which leaves
 # reinforcement learning something to find (rl.py, make rl-demo); 0: every reply calls the calculator
 products_direct = 0.6
@@ -129,17 +129,17 @@ def task_question(rng, train=False):
 
 
 MUL = ["What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.", "What's the product of {a} and {b}?",
-       "{a} x {b} = ?"]  # the last one in about 21 questions (see products_direct)
+       "What is {a} x {b}?"]  # the last one in about 14 questions (see products_direct)
 
 
 def product_question(rng, train=False):
     """The hard variant: a product of two 3- to 5-digit numbers, worked out by the calculator; in train, a
-    question phrased 'a x b = ?' is answered without it products_direct of the time."""
+    question phrased 'What is a x b?' is answered without it products_direct of the time."""
     a, b = (rng.randint(10 ** (n - 1), 10 ** n - 1) for n in (rng.randint(3, 5), rng.randint(3, 5)))
     result = calculate(f"{a}*{b}")  # what the calculator will answer when the model runs
     reply = [{'type': 'python', 'text': f"{a}*{b}"}, {'type': 'python_output', 'text': result},
              {'type': 'text', 'text': f"Answer: {result}"}]
-    phrasing = rng.choices(MUL, weights=[1, 1, 1, 1, 0.2])[0]
+    phrasing = rng.choices(MUL, weights=[1, 1, 1, 1, 0.3])[0]
     if train and phrasing == MUL[-1] and rng.random() < products_direct:
         reply = f"Answer: {result}"
     return ('mul', a, b), phrasing.format(a=a, b=b), reply
