@@ -224,8 +224,12 @@ def compare(model_dir, what, tmp):
     ours_dtype = auto_dtype(device, dtype)
     gguf_dtype = {'float32': 'float32'}.get(ours_dtype, 'float16')  # llama.cpp's nearest to bfloat16 is f16
     gguf = os.path.join(tmp, 'model.gguf')
-    subprocess.run([sys.executable, os.path.join(HERE, 'export.py'), f'--out_dir={model_dir}', '--format=gguf',
-                    f'--dtype={gguf_dtype}', f'--to={gguf}', '--check=False'], check=True, stdout=subprocess.DEVNULL)
+    exported = subprocess.run([sys.executable, os.path.join(HERE, 'export.py'), f'--out_dir={model_dir}',
+                               '--format=gguf', f'--dtype={gguf_dtype}', f'--to={gguf}', '--check=False'],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if exported.returncode:  # export.py's own one-line error (e.g. GPT-2's BPE files unreachable offline)
+        last_line = (exported.stderr.strip().splitlines() or ['(no message)'])[-1]
+        sys.exit(f"export.py could not write the GGUF file: {last_line}")
     n_threads = threads or max(1, torch.get_num_threads() - 1)  # serve.py's default: one fewer than the cores
     loads = [os.getloadavg()[0]]
     runs = {'ours': [], 'ours, no prefix cache': [], 'llama-server': []}
