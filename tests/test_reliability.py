@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, SHARED, run_script
 from test_serve import MAX_BODY, client, health, project_dataset, raw, server, stop_server  # noqa: F401
 from test_serve import tiny_run_overrides, write_checkpoint
 
@@ -271,6 +271,18 @@ def test_export_never_replaces_its_source_or_unrelated_files(tmp_path):
     assert (folder / 'notes.txt').exists() and os.path.exists(os.path.join(run, 'ckpt.pt'))
     assert (other / 'thesis.txt').read_text() == 'keep me too'
     # (test_export.py's test_export_errors_are_one_line_and_write_nothing replaces a previous export)
+
+
+@pytest.mark.skipif(not (SHARED / 'tiktoken_cache').is_dir(), reason="../shared/tiktoken_cache missing")
+def test_bench_serve_says_in_one_line_when_the_gguf_export_fails(tmp_path):
+    # a random model whose vocabulary GPT-2's tokenizer does not fit: export.py refuses it, and the
+    # benchmark says so in a line rather than a CalledProcessError traceback (it never starts a server)
+    proc = subprocess.run([sys.executable, 'bench_serve.py', '--compare_llamacpp=True', '--llama_server=/bin/true',
+                           '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--vocab_size=100',
+                           '--dtype=float32'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith('export.py could not write the GGUF file: error: the tokenizer'), lines[-1]
 
 
 # -----------------------------------------------------------------------------
