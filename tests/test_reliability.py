@@ -274,7 +274,7 @@ def test_export_never_replaces_its_source_or_unrelated_files(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / 'tiktoken_cache').is_dir(), reason="../shared/tiktoken_cache missing")
-def test_bench_serve_says_in_one_line_when_the_gguf_export_fails(tmp_path):
+def test_bench_serve_says_in_one_line_when_the_gguf_export_fails():
     # a random model whose vocabulary GPT-2's tokenizer does not fit: export.py refuses it, and the
     # benchmark says so in a line rather than a CalledProcessError traceback (it never starts a server)
     proc = subprocess.run([sys.executable, 'bench_serve.py', '--compare_llamacpp=True', '--llama_server=/bin/true',
