@@ -50,5 +50,8 @@ rl-demo: install
 	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-rl --device=cpu --input=data/chat/val.jsonl > out-rl/eval-rl.txt && cat out-rl/eval-rl.txt
 	@echo "held-out: SFT $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-rl/eval-sft.txt), after RL $$(sed -n 's|^accuracy \([0-9]*/[0-9]*\).*|\1|p' out-rl/eval-rl.txt)"
 
+# test processes: one more than the cores, as many tests wait on a script they started; each test file runs
+# in one of them (its module fixtures made once)
+TEST_WORKERS ?= $(shell python -c "import os; print(os.cpu_count() + 1)")
 test: install-test
-	python -m pytest tests -q
+	python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile

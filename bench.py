@@ -19,8 +19,8 @@ $ torchrun --standalone --nproc_per_node=2 bench.py --device=cpu --dtype=float32
 sample: prefill and decode tokens/s of the decode engine (engine.py, what sample.py and serve.py
 run), side by side with nanoGPT's uncached loop (written out below as the reference) and, with
 compare_hf=True, transformers' generate on the same weights (GPT2LMHeadModel, or NanoChatForCausalLM
-for nanochat's architecture: export.py's mapping) and, with compare_llamacpp=True (llama-cpp-python
-installed), llama.cpp on the same weights through export.py's GGUF writer (f32, f16 and q8_0, batch 1;
+for nanochat's architecture: hf.py's mapping) and, with compare_llamacpp=True (llama-cpp-python
+installed), llama.cpp on the same weights through export.py's GGUF files (f32, f16 and q8_0, batch 1;
 ours in float32 and with int8 Linears join the table to pair with them).
 
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
@@ -31,20 +31,23 @@ import atexit
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn import functional as F
 
+from checkpoint import saved_model_args, write_checkpoint
+from common import auto_dtype, autocast, check_device_dtype, compiled, init_distributed
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, for_inference
+from inference import for_inference
+from model import GPT, GPTConfig
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def now():
 # =============================================================================
 
 def bench_train():
-    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = autocast(device_type, dtype)
     if real_data:
         data_dir = os.path.join('data', dataset)
         path = os.path.join(data_dir, 'train.bin')
@@ -193,6 +196,7 @@ def bench_train():
 
 def held_bytes(model, optimizer):
     """Bytes of the parameters, gradients and optimizer state this rank holds: under FSDP, its shards."""
+    from torch.distributed.tensor import DTensor  # here: ~0.5 s to import, and only torchrun's mode needs it
     tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
@@ -205,6 +209,7 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     checkpointing keeps only each block's input, which its checkpoint saves through the same hooks."""
 
     def __init__(self, model):
+        from torch.distributed.tensor import DTensor
         self.bytes, self.seen = 0, set()
 
         def pack(t):
@@ -220,12 +225,8 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
 def bench_parallel():
     """DDP, FSDP and FSDP + activation checkpointing on the same model and batch, one after the other."""
     global device
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device_type == 'cuda':
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    _, rank, _, world, device = init_distributed(device)
+    ctx = autocast(device_type, dtype)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                        vocab_size=vocab_size or 50304, dropout=0.0)
     g = torch.Generator().manual_seed(seed + rank)
@@ -311,14 +312,14 @@ def uncached_generate(model, idx, max_new_tokens, temperature, top_k, generator)
 
 
 def hf_twin(model):
-    """transformers' model with exactly our model's weights (export.py's mapping: GPT2LMHeadModel or
-    NanoChatForCausalLM)."""
+    """transformers' model with exactly our model's weights (hf.py's mapping: GPT2LMHeadModel,
+    NanoChatForCausalLM or LlamaForCausalLM)."""
     from transformers import AutoModelForCausalLM
     cfg = model.config
     if init_from.startswith('gpt2') or os.path.isdir(init_from):
         hf = AutoModelForCausalLM.from_pretrained(init_from)  # both models load the same files
     else:
-        from export import to_hf
+        from hf import to_hf
         try:
             hf_config, sd = to_hf(model, eot=min(50256, cfg.vocab_size - 1))
         except ValueError as e:
@@ -384,24 +385,30 @@ def run_hf(hf, prompts, n_new, generator):
 
 
 def llamacpp_twins(model, tmpdir):
-    """(name, llama.cpp Llama) for GGUF exports of our weights (export.py's writer) in f32, f16 and q8_0."""
+    """(name, llama.cpp Llama) for GGUF exports of our weights (export.py, run as a user runs it, on a checkpoint
+    of them) in f32, f16 and q8_0."""
     try:
         from llama_cpp import Llama
     except ImportError:
         fail("compare_llamacpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
-    from export import vocabulary, write_gguf
     from tokenizer import meta_path_for
-    path = meta_path_for(out_dir) if init_from == 'resume' else None
-    meta = read_meta(path) if path else None  # None: GPT-2's tokenizer (random weights, transformers' GPT-2)
-    f32 = GPT(model.config).eval()
-    f32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    source = os.path.join(tmpdir, 'model')
+    os.makedirs(source)
+    args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    write_checkpoint(os.path.join(source, 'ckpt.pt'), {
+        'model': {k: v.float() for k, v in model.state_dict().items()}, 'model_args': saved_model_args(args),
+        'gelu_approximate': model.config.gelu_approximate, 'iter_num': 0, 'config': {}})
+    meta = meta_path_for(out_dir) if init_from == 'resume' else None  # None: GPT-2's tokenizer
+    if meta:
+        shutil.copyfile(meta, os.path.join(source, 'meta.pkl'))
     twins = []
     for kind, export_dtype in [('f32', 'float32'), ('f16', 'float16'), ('q8_0', 'q8_0')]:
         path = os.path.join(tmpdir, f'model-{kind}.gguf')
-        try:
-            write_gguf(f32, vocabulary(meta), path, export_dtype)
-        except ValueError as e:
-            fail(f"compare_llamacpp: {e}")
+        exported = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'export.py'),
+                                   f'--out_dir={source}', '--format=gguf', f'--dtype={export_dtype}', f'--to={path}',
+                                   '--check=False'], capture_output=True, text=True)
+        if exported.returncode:  # export.py's own one-line error
+            fail(f"compare_llamacpp: {(exported.stderr.strip().splitlines() or ['export.py failed'])[-1]}")
         llm = Llama(model_path=path, n_ctx=prompt_tokens + max_new_tokens + 8, n_threads=torch.get_num_threads(),
                     n_threads_batch=torch.get_num_threads(), seed=seed, verbose=False)
         twins.append((f"llama.cpp {kind}", run_llamacpp, llm))
@@ -409,7 +416,7 @@ def llamacpp_twins(model, tmpdir):
 
 
 def twin(model, ptdtype, quantize=''):
-    """A copy of our model (from its float weights) in ptdtype, made ready to generate as sample.py's are."""
+    """A copy of our model (from its float weights) in ptdtype, made ready to generate as textgen.load_model makes them."""
     copy = GPT(model.config)
     copy.load_state_dict(model.state_dict())
     return for_inference(copy, device, ptdtype, quantize, packed)
@@ -437,7 +444,7 @@ def bench_sample():
                            vocab_size=vocab_size or 50257, gelu_approximate='tanh', dropout=0.0)
         source = GPT(config).eval().to(device=device, dtype=ptdtype)
     else:
-        from sample import load_model
+        from textgen import load_model
         try:
             source, _, _ = load_model(init_from, out_dir, device, dtype, pack=False)
         except (FileNotFoundError, ValueError, OSError) as e:

@@ -216,7 +216,7 @@ def chat(port, fields, deadline):
 
 
 def compare(model_dir, what, tmp):
-    from model import auto_dtype
+    from common import auto_dtype
     binary = llama_server or os.environ.get('LLAMA_SERVER', '')
     if not (binary and os.access(binary, os.X_OK)):
         sys.exit("--compare_llamacpp needs llama-server: LLAMA_SERVER=$(../shared/tools/build-llama-server) "

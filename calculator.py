@@ -2,7 +2,7 @@
 The chat model's calculator. A model whose tokenizer has the tool tokens may write
 <|python_start|>expression<|python_end|> in a reply; the expression is evaluated here and
 <|output_start|>result<|output_end|> goes back into the reply as tokens the engine feeds before
-sampling resumes (Row.forced). sample.py's decode_step does this for every row that carries a
+sampling resumes (Row.forced). textgen.decode_step does this for every row that carries a
 ToolCalls (row.calculator), so sample.py --chat, chat_eval.py, serve.py and rl.py all behave the same.
 
 calculate() never runs code: it parses the expression with ast and computes numbers and

@@ -34,7 +34,7 @@ import torch
 
 from configurator import configure, fail
 from engine import continuation_logprobs
-from sample import generate_text, load_model
+from textgen import generate_text, load_model
 from tasks import arc, gsm8k, hellaswag, humaneval, mmlu
 from tasks.bpb import windowed_loss
 from tasks.common import load_rows, multiple_choice, pick_shots, with_shots

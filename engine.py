@@ -2,11 +2,13 @@
 The decode engine: a fixed number of rows over one KV cache, decoded together one token per
 step. Sequences join (their prompt is prefilled into a free row) and leave (their length, a
 stop token, or the caller ending them) between steps; each row samples with its own
-settings, every row in one vectorised call. sample.py, bench.py and serve.py all generate
-through it.
+settings, every row in one vectorised call (sampling.py). textgen.py (and through it sample.py,
+serve.py, chat_eval.py and rl.py) and bench.py all generate through it. It owns its KV cache and
+imports nothing of this project but sampling.py: it calls the model object it is given
+(hidden_states, logits).
 
 It knows nothing about text: prompts and outputs are token ids. Stop *strings* are the
-caller's (sample.py's TextStream spots them and calls Engine.finish), and so are a grammar (a
+caller's (textgen.py's TextStream spots them and calls Engine.finish), and so are a grammar (a
 row's `constraint`, grammar.py's JSON matcher, only says which ids it allows next) and tools (the
 caller queues a tool's output on row.forced, which the next steps feed instead of sampling).
 
@@ -25,9 +27,38 @@ from collections import OrderedDict, deque
 
 import torch
 
-from model import KVCache
+from sampling import SlotTables, logprobs_of, sample_tokens
 
-MIN_TEMPERATURE = 1e-5  # below this, dividing the logits by the temperature means nothing: greedy
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `batch_size` rows of up to `max_len`
+    positions. Each row has its own length, so rows holding different prompts (or requests
+    that joined a server's batch at different times) decode together in one step. The model's
+    attention writes into it (model.py, CausalSelfAttention)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lengths = [0] * batch_size  # tokens held per row (host side: it sizes every step)
+        self.max_len = max_len
+
+    def copy_row(self, row, other, other_row=0):
+        """Put row `other_row` of cache `other` (e.g. a freshly prefilled prompt) into row `row`."""
+        n = other.lengths[other_row]
+        assert n <= self.max_len
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :n] = other.k[layer][other_row, :, :n]
+            self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
+        self.lengths[row] = n
+
+    def rows(self, start, stop):
+        """Rows start..stop-1 as a cache of their own that shares this one's memory (its lengths
+        are a copy: write them back after a forward)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.lengths, view.max_len = self.lengths[start:stop], self.max_len
+        return view
 
 
 class SettingError(ValueError):
@@ -112,6 +143,37 @@ class Beams:
         self.hypotheses = []  # (score, tokens), best first, at most num_beams
         self.generated = 0
 
+    def step(self, engine, logits):
+        """One step of the search from its rows' logits (num_beams, vocab), in `engine`."""
+        N, V = len(self.rows), logits.size(-1)
+        logprobs = logits.float().clone()
+        logprobs[:, engine.vocab_size:] = float('-inf')
+        total = logprobs.log_softmax(-1) + torch.tensor(self.scores, device=logits.device)[:, None]
+        values, ids = total.view(-1).topk(max(2, 1 + len(self.stop_tokens)) * N)
+        self.generated += 1
+        old = [row.tokens for row in self.rows]
+        candidates = [(v, i // V, i % V) for v, i in zip(values.tolist(), ids.tolist())]
+        ends = [t in self.stop_tokens or self.generated >= self.max_tokens for _, _, t in candidates]
+        new = [(v / self.generated, old[beam] + [t]) for (v, beam, t), end in zip(candidates[:N], ends) if end]
+        self.hypotheses = sorted(self.hypotheses + new, key=lambda h: -h[0])[:N]  # stable: earlier first on a tie
+        going = [c for c, end in zip(candidates, ends) if not end][:N]
+        done = all(ends) or (len(self.hypotheses) == N and going[0][0] / self.generated <= self.hypotheses[-1][0])
+        if done:
+            for row, (_, tokens) in zip(self.rows, self.hypotheses):
+                row.tokens = tokens
+            for row in self.rows:
+                engine.finish(row, 'stop' if row.tokens[-1] in self.stop_tokens else 'length')
+            return
+        slots = [engine.rows.index(row) for row in self.rows]
+        parents = [slots[beam] for _, beam, _ in going]
+        if parents != slots:  # each beam's row takes its parent's keys and values
+            length = engine.cache.lengths[slots[0]]
+            for k, v in zip(engine.cache.k, engine.cache.v):
+                k[slots, :, :length], v[slots, :, :length] = k[parents, :, :length], v[parents, :, :length]
+        for row, (score, beam, token) in zip(self.rows, going):
+            row.tokens, row.next_token = old[beam] + [token], token
+        self.scores = [score for score, _, _ in going]
+
 
 def beam_rows(prompt, num_beams, max_tokens, stop_tokens=()):
     """The engine rows of one beam search over `prompt` (add them together)."""
@@ -120,6 +182,66 @@ def beam_rows(prompt, num_beams, max_tokens, stop_tokens=()):
     for row in rows:
         row.beam = group
     return rows
+
+
+class PrefixCache:
+    """The keys and values of sequences that ended (up to `budget` tokens, least recently used out
+    first), matched with a new prompt by their tokens, longest common prefix first, against the
+    engine's running rows and these remembered ones. Not blocks hashed by their prefix, as vLLM's
+    paged cache needs: the engine's cache is one dense tensor per layer, so reuse is a copy of
+    positions 0..m-1 either way, and a list of token lists finds the longest match in a few lines.
+    A sequence supersedes the remembered ones it starts with (a chat's next turn replaces its last),
+    so a long chat holds one copy of its history, not one a turn."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.saved = OrderedDict()  # token tuple -> its keys and values (layers, 2, kv heads, tokens, head size); LRU first
+
+    def reuse(self, engine, slot, prompt):
+        """Copy into row `slot` the keys and values of the longest start of prompt[:-1] (the part
+        a prefill computes), in whole chunks, that a running row or a remembered sequence holds;
+        its length."""
+        want, best, source = list(prompt[:-1]), 0, None
+        whole = lambda m: m // engine.prefill_chunk * engine.prefill_chunk  # noqa: E731
+        for i, row in enumerate(engine.rows):
+            m = whole(common_prefix(engine.held(row, i)[:row.prefilled], want)) if row.beam is None else 0
+            if m > best:
+                best, source = m, i
+        for tokens, kv in self.saved.items():
+            m = whole(common_prefix(tokens, want))
+            if m > best:
+                best, source = m, tokens
+        for layer, (k, v) in enumerate(zip(engine.cache.k, engine.cache.v)):
+            if isinstance(source, int):
+                k[slot, :, :best], v[slot, :, :best] = k[source, :, :best], v[source, :, :best]
+            elif source is not None:
+                k[slot, :, :best], v[slot, :, :best] = self.saved[source][layer, :, :, :best]
+        if isinstance(source, tuple):
+            self.saved.move_to_end(source)
+        return best
+
+    def remember(self, engine, row, slot):
+        """Keep the keys and values of a row that ends (its whole prefilled chunks, at most
+        the budget), for a later prompt that starts the same way; the least recently used
+        go first to make room."""
+        budget = self.budget // engine.prefill_chunk * engine.prefill_chunk
+        tokens = tuple(engine.held(row, slot)[:min(row.prefilled, budget)])
+        if not tokens:
+            return
+        for held in list(self.saved):
+            if common_prefix(held, tokens) == len(tokens):  # held already, in this one or a longer one
+                self.saved.move_to_end(held)
+                return
+            if common_prefix(held, tokens) == len(held):  # a start of this one: superseded
+                del self.saved[held]
+        while self.saved and self.tokens_held() + len(tokens) > self.budget:
+            self.saved.popitem(last=False)
+        n = len(tokens)
+        self.saved[tokens] = torch.stack([torch.stack((k[slot, :, :n], v[slot, :, :n]))
+                                          for k, v in zip(engine.cache.k, engine.cache.v)])
+
+    def tokens_held(self):
+        return sum(len(tokens) for tokens in self.saved)
 
 
 class Engine:
@@ -132,15 +254,9 @@ class Engine:
 
     Prompts prefill in chunks of prefill_chunk tokens at fixed positions (0, c, 2c, ...): a chunk's
     keys and values then come out bit for bit the same whichever request computed them, and only
-    those whole chunks are reused. Positions computed otherwise (a last partial chunk, decode steps)
-    are computed again: in bfloat16 their rounding differs enough to flip a near-tie later on.
-
-    The prefix cache matches those chunks by their tokens, longest common prefix first, against the
-    rows running and a least-recently-used list of sequences that ended (not blocks hashed by their
-    prefix, as vLLM's paged cache needs: ours is one dense tensor per layer, so reuse is a copy of
-    positions 0..m-1 either way, and a list of token lists finds the longest match in a few lines).
-    A sequence supersedes the remembered ones it starts with (a chat's next turn replaces its last),
-    so a long chat holds one copy of its history, not one a turn."""
+    those whole chunks are reused (by the prefix cache, PrefixCache, with prefix_cache_tokens > 0).
+    Positions computed otherwise (a last partial chunk, decode steps) are computed again: in bfloat16
+    their rounding differs enough to flip a near-tie later on."""
 
     def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None,
                  prefix_cache_tokens=0, prefill_chunk=64):
@@ -163,11 +279,9 @@ class Engine:
         self.vocab_size = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
         self.rng = random.Random(seed)
         self.rows = []
-        self.counts = None  # (max_rows, vocab) token counts, made when a row first uses a penalty
-        self.bias = None  # (max_rows, vocab) logit_bias, made when a row first uses one
-        self.allowed = None  # (max_rows, vocab / 32) int32 bitmasks of the constrained rows, made when first used
-        self.prefix_cache_tokens, self.prefill_chunk = prefix_cache_tokens, prefill_chunk
-        self.saved = OrderedDict()  # token tuple -> its keys and values (layers, 2, kv heads, tokens, head size); LRU first
+        self.tables = SlotTables(max_rows, cfg.vocab_size, self.device)  # penalties, logit_bias, grammars
+        self.prefill_chunk = prefill_chunk
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
 
     # --- joining and leaving ---
 
@@ -193,7 +307,7 @@ class Engine:
             groups.setdefault(tuple(row.prompt[-self.window:]), []).append(row)
         prompts = list(groups)
         # a prompt whose start the prefix cache holds gets those positions copied in; its prefill starts there
-        starts = [self._reuse(n + i, p) if self.prefix_cache_tokens else 0 for i, p in enumerate(prompts)]
+        starts = [self.prefix.reuse(self, n + i, p) if self.prefix else 0 for i, p in enumerate(prompts)]
         # The cache holds all of a prompt but its last token, which the next step feeds like any
         # other row's newest token: every step is then one token per row.
         same = len({(len(p), start) for p, start in zip(prompts, starts)}) == 1
@@ -216,92 +330,29 @@ class Engine:
             if slot >= n + len(prompts):  # another sample of a prompt prefilled above
                 self.cache.copy_row(slot, self.cache, source[id(row)])
             row.next_token = row.prompt[-1]
-            self._init_slot(slot, row)
+            self.tables.init(slot, row)
         self.rows.extend(placed)
-
-    def _init_slot(self, slot, row):
-        V = self.model.config.vocab_size
-        if row.uses_penalties:
-            if self.counts is None:
-                self.counts = torch.zeros(self.max_rows, V, device=self.device)
-            self.counts[slot].zero_()
-            self.counts[slot].index_add_(0, torch.tensor(row.prompt, device=self.device),
-                                         torch.ones(len(row.prompt), device=self.device))
-        if self.bias is not None:
-            self.bias[slot].zero_()
-        if row.logit_bias:
-            if self.bias is None:
-                self.bias = torch.zeros(self.max_rows, V, device=self.device)
-            ids = torch.tensor(list(row.logit_bias), device=self.device)
-            self.bias[slot, ids] = torch.tensor(list(row.logit_bias.values()), device=self.device, dtype=torch.float)
 
     @torch.inference_mode()  # the penalty and bias tables are inference tensors (made in add)
     def finish(self, row, reason):
         """End a row (a stop string, a client gone, ...): it leaves the engine now."""
         row.finish_reason = row.finish_reason or reason
-        if self.prefix_cache_tokens and row in self.rows and row.error is None and row.beam is None:
-            self._remember(row, self.rows.index(row))
+        if self.prefix and row in self.rows and row.error is None and row.beam is None:
+            self.prefix.remember(self, row, self.rows.index(row))
         if row in self.rows:
             slot, last = self.rows.index(row), len(self.rows) - 1
             if slot != last:  # move the last row into the freed slot, so rows stay 0..n-1
                 self.cache.copy_row(slot, self.cache, last)
-                for table in (self.counts, self.bias):
-                    if table is not None:
-                        table[slot] = table[last]
+                self.tables.move(slot, last)
                 self.rows[slot] = self.rows[last]
             self.rows.pop()
 
-    # --- the prefix cache ---
-
-    def _held(self, row, slot):
+    def held(self, row, slot):
         """The tokens whose keys and values row `slot` of the cache holds, at positions 0, 1, ..."""
         return (row.prompt + row.tokens)[row.kv_start:row.kv_start + self.cache.lengths[slot]]
 
-    def _reuse(self, slot, prompt):
-        """Copy into row `slot` the keys and values of the longest start of prompt[:-1] (the part
-        a prefill computes), in whole chunks, that a running row or a remembered sequence holds;
-        its length."""
-        want, best, source = list(prompt[:-1]), 0, None
-        whole = lambda m: m // self.prefill_chunk * self.prefill_chunk  # noqa: E731
-        for i, row in enumerate(self.rows):
-            m = whole(common_prefix(self._held(row, i)[:row.prefilled], want)) if row.beam is None else 0
-            if m > best:
-                best, source = m, i
-        for tokens, kv in self.saved.items():
-            m = whole(common_prefix(tokens, want))
-            if m > best:
-                best, source = m, tokens
-        for layer, (k, v) in enumerate(zip(self.cache.k, self.cache.v)):
-            if isinstance(source, int):
-                k[slot, :, :best], v[slot, :, :best] = k[source, :, :best], v[source, :, :best]
-            elif source is not None:
-                k[slot, :, :best], v[slot, :, :best] = self.saved[source][layer, :, :, :best]
-        if isinstance(source, tuple):
-            self.saved.move_to_end(source)
-        return best
-
-    def _remember(self, row, slot):
-        """Keep the keys and values of a row that ends (its whole prefilled chunks, at most
-        prefix_cache_tokens), for a later prompt that starts the same way; the least recently used
-        go first to make room."""
-        budget = self.prefix_cache_tokens // self.prefill_chunk * self.prefill_chunk
-        tokens = tuple(self._held(row, slot)[:min(row.prefilled, budget)])
-        if not tokens:
-            return
-        for held in list(self.saved):
-            if common_prefix(held, tokens) == len(tokens):  # held already, in this one or a longer one
-                self.saved.move_to_end(held)
-                return
-            if common_prefix(held, tokens) == len(held):  # a start of this one: superseded
-                del self.saved[held]
-        while self.saved and self.prefix_tokens_held() + len(tokens) > self.prefix_cache_tokens:
-            self.saved.popitem(last=False)
-        n = len(tokens)
-        self.saved[tokens] = torch.stack([torch.stack((k[slot, :, :n], v[slot, :, :n]))
-                                          for k, v in zip(self.cache.k, self.cache.v)])
-
     def prefix_tokens_held(self):
-        return sum(len(tokens) for tokens in self.saved)
+        return self.prefix.tokens_held() if self.prefix else 0
 
     # --- one step ---
 
@@ -320,7 +371,7 @@ class Engine:
                 failed = next((r.error for r in group.rows if r.error is not None), None)
                 if failed is not None:
                     raise failed
-                self._beam_step(group, logits[[rows.index(r) for r in group.rows]])
+                group.step(self, logits[[rows.index(r) for r in group.rows]])
             except Exception as e:
                 for r in group.rows:
                     r.error = r.error or e
@@ -332,9 +383,7 @@ class Engine:
                                                           [draws[id(r)] for r in part]), sampling)
         chosen = {id(row): token for row, token in zip(sampling, tokens.tolist())}
         done = [(row, chosen[id(row)] if id(row) in chosen else row.forced.popleft()) for row in live if row.error is None]
-        if self.counts is not None and done:
-            slots = [self.rows.index(row) for row, _ in done]
-            self.counts[slots, [token for _, token in done]] += 1
+        self.tables.count([self.rows.index(row) for row, _ in done], [token for _, token in done])
         for row, token in done:
             row.sampled.append(id(row) in chosen)
             self._append(row, token)
@@ -342,37 +391,6 @@ class Engine:
             if row.error is not None:
                 self.finish(row, 'error')
         return rows
-
-    def _beam_step(self, group, logits):
-        """One step of a beam search (Beams) from its rows' logits (num_beams, vocab)."""
-        N, V = len(group.rows), logits.size(-1)
-        logprobs = logits.float().clone()
-        logprobs[:, self.vocab_size:] = float('-inf')
-        total = logprobs.log_softmax(-1) + torch.tensor(group.scores, device=logits.device)[:, None]
-        values, ids = total.view(-1).topk(max(2, 1 + len(group.stop_tokens)) * N)
-        group.generated += 1
-        old = [row.tokens for row in group.rows]
-        candidates = [(v, i // V, i % V) for v, i in zip(values.tolist(), ids.tolist())]
-        ends = [t in group.stop_tokens or group.generated >= group.max_tokens for _, _, t in candidates]
-        new = [(v / group.generated, old[beam] + [t]) for (v, beam, t), end in zip(candidates[:N], ends) if end]
-        group.hypotheses = sorted(group.hypotheses + new, key=lambda h: -h[0])[:N]  # stable: earlier first on a tie
-        going = [c for c, end in zip(candidates, ends) if not end][:N]
-        done = all(ends) or (len(group.hypotheses) == N and going[0][0] / group.generated <= group.hypotheses[-1][0])
-        if done:
-            for row, (_, tokens) in zip(group.rows, group.hypotheses):
-                row.tokens = tokens
-            for row in group.rows:
-                self.finish(row, 'stop' if row.tokens[-1] in group.stop_tokens else 'length')
-            return
-        slots = [self.rows.index(row) for row in group.rows]
-        parents = [slots[beam] for _, beam, _ in going]
-        if parents != slots:  # each beam's row takes its parent's keys and values
-            length = self.cache.lengths[slots[0]]
-            for k, v in zip(self.cache.k, self.cache.v):
-                k[slots, :, :length], v[slots, :, :length] = k[parents, :, :length], v[parents, :, :length]
-        for row, (score, beam, token) in zip(group.rows, going):
-            row.tokens, row.next_token = old[beam] + [token], token
-        group.scores = [score for score, _, _ in going]
 
     def _isolated(self, fn, rows):
         """fn(rows) -> a tensor with a row per row; on an exception, fn on each row alone, and
@@ -422,50 +440,16 @@ class Engine:
     def _sample(self, rows, logits, draws):
         """A token per row from its logits (n, vocab) and its random draw, each row with its own settings."""
         slots = torch.tensor([self.rows.index(r) for r in rows], device=self.device)
-        x = logits
-        if any(r.uses_penalties for r in rows):
-            rep, presence, frequency = (torch.tensor(p, device=self.device)[:, None] for p in zip(*(r.penalties for r in rows)))
-            x = apply_penalties(x, self.counts[slots], rep, presence, frequency)
-        if self.bias is not None:
-            x = x + self.bias[slots]
-        # no NaN or infinity gets to the sampler, whatever a setting did to the logits
-        x = torch.nan_to_num(x, nan=-1e30).clamp(-1e30, 1e30)
-        if self.vocab_size < x.size(-1):
-            x[:, self.vocab_size:] = float('-inf')
-        if any(r.constraint is not None for r in rows):  # a grammar's rows and free rows, in the one call below
-            x = x.masked_fill(~self._allowed(rows, x.size(-1)), float('-inf'))
+        x = self.tables.adjust(rows, slots, logits, self.vocab_size)
         setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in rows], device=self.device, dtype=dtype)
         tokens = sample_tokens(x, setting('temperature', torch.float), setting('top_k', torch.long),
                                setting('top_p', torch.float), torch.tensor(draws, device=self.device))
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if wanted:
-            entries = self._logprobs(logits[wanted], tokens[wanted], max(rows[i].logprobs for i in wanted))
+            entries = logprobs_of(logits[wanted], tokens[wanted], max(rows[i].logprobs for i in wanted), self.vocab_size)
             for i, (logprob, top) in zip(wanted, entries):
                 rows[i].token_logprobs.append((logprob, top[:rows[i].logprobs]))
         return tokens
-
-    def _allowed(self, rows, V):
-        """(n, V) bools: the ids each row's constraint allows next (every id for a row without one)."""
-        if self.allowed is None:
-            self.allowed = torch.zeros(self.max_rows, (V + 31) // 32, dtype=torch.int32)
-        words = self.allowed[:len(rows)].fill_(-1)
-        for i, row in enumerate(rows):
-            if row.constraint is not None:
-                row.constraint.fill_bitmask(words[i].numpy())  # the numpy view shares the tensor's memory
-        allowed = ((words[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).view(len(rows), -1)[:, :V].bool()
-        if not bool(allowed.any(-1).all()):
-            raise ValueError("the row's grammar allows no token")
-        return allowed.to(self.device)
-
-    def _logprobs(self, logits, tokens, n):
-        """(log probability of each row's token, its n most likely alternatives as [(id, logprob)]):
-        the model's own distribution, log-softmax at temperature 1 before any sampling filter."""
-        logprobs = logits.float().clone()
-        logprobs[:, self.vocab_size:] = float('-inf')
-        logprobs = logprobs.log_softmax(-1)
-        picked = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        top = logprobs.topk(max(n, 1))
-        return [(p, list(zip(i[:n], v[:n]))) for p, i, v in zip(picked, top.indices.tolist(), top.values.tolist())]
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompt, n):
@@ -473,7 +457,8 @@ class Engine:
         first, and for any before the last block_size tokens (the prompt is cropped, as always)."""
         ids = prompt[-self.window:]
         x = self.model.hidden_states(torch.tensor([ids], device=self.device))
-        entries = self._logprobs(self.model.logits(x[0, :-1]), torch.tensor(ids[1:], device=self.device), n)
+        entries = logprobs_of(self.model.logits(x[0, :-1]), torch.tensor(ids[1:], device=self.device), n,
+                              self.vocab_size)
         return [None] * (len(prompt) - len(ids) + 1) + entries
 
     def _append(self, row, token):
@@ -513,76 +498,6 @@ def embed(model, ids):
     its tokens (llama-server's pooling 'mean'), a list of n_embd floats."""
     x = model.hidden_states(torch.tensor([ids], device=model.transformer.wte.weight.device))
     return x[0].float().mean(0).tolist()
-
-
-def apply_penalties(logits, counts, repetition_penalty, presence_penalty, frequency_penalty):
-    """Discourage tokens already seen (counts: (n, vocab) occurrences; penalties: (n, 1))."""
-    seen = counts > 0
-    penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-    logits = torch.where(seen, penalised, logits)
-    return logits - presence_penalty * seen.float() - frequency_penalty * counts
-
-
-def sample_tokens(logits, temperature, top_k, top_p, uniform):
-    """One token per row of logits (n, vocab), each row with its own settings, given as
-    tensors of n: temperature (below MIN_TEMPERATURE: greedy), top_k (0: off; tokens tied
-    with the k-th stay in), top_p (1: off; the most likely token always stays) and uniform,
-    the row's random draw in [0, 1). The draw picks a token by inverse transform sampling over
-    the kept tokens in id order, so a row gets the same token whatever the other rows are."""
-    n, V = logits.shape
-    sampled = temperature >= MIN_TEMPERATURE
-    if not bool(sampled.any()):
-        return logits.argmax(-1)
-    greedy = 0 if bool(sampled.all()) else logits.argmax(-1)  # a pass over the vocabulary, skipped when unused
-    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-    k_max = int(k.max())
-    if k_max < V and bool((top_k > 0).all()):
-        # the usual case (every row has a top_k): work on the best candidates only. Twice k_max
-        # of them, as logits rounded to bfloat16 often tie at the cut (9 in 10 steps of a random
-        # GPT-2, top_k 200); only a tie run past the last candidate needs the slow path.
-        values, ids = logits.topk(min(2 * k_max, V))
-        kth = values.gather(1, (k - 1)[:, None])
-        if values.size(1) == V or bool((values[:, -1:] < kth).all()):
-            keep = values >= kth
-            weights = _nucleus(_weights(values.masked_fill(~keep, float('-inf')), temperature), top_p)
-            by_id = ids.argsort(-1)
-            choice = _draw(weights.gather(1, by_id), uniform)
-            return torch.where(sampled, ids.gather(1, by_id).gather(1, choice[:, None])[:, 0], greedy)
-    limited = (top_k > 0) & (top_k < V)
-    if bool(limited.any()):  # keep each limited row's top_k (and ties); the other rows keep everything
-        k_limited = int(k[limited].max())
-        kth = logits.topk(k_limited).values.gather(1, (k.clamp(max=k_limited) - 1)[:, None])
-        logits = logits.masked_fill((logits < kth) & limited[:, None], float('-inf'))
-    weights = _weights(logits, temperature)
-    if bool((top_p < 1).any()):
-        ranked, order = weights.sort(descending=True)
-        weights = torch.zeros_like(weights).scatter(1, order, _nucleus(ranked, top_p))
-    return torch.where(sampled, _draw(weights, uniform), greedy)
-
-
-def _weights(logits, temperature):
-    """Unnormalised probabilities: the row's largest logit goes to 0 before the division by the
-    temperature, so nothing overflows and the most likely token has weight 1."""
-    t = temperature.clamp(min=MIN_TEMPERATURE)[:, None]
-    return ((logits - logits.max(-1, keepdim=True).values) / t).exp()
-
-
-def _nucleus(ranked, top_p):
-    """top_p on weights sorted in descending order: drop a token when the tokens ranked above it
-    already reach top_p of the total."""
-    if not bool((top_p < 1).any()):
-        return ranked
-    above = ranked.cumsum(-1) - ranked
-    drop = above >= top_p[:, None] * ranked.sum(-1, keepdim=True)
-    drop[:, 0] = False
-    return ranked.masked_fill(drop, 0.0)
-
-
-def _draw(weights, uniform):
-    """The column where each row's uniform draw lands in the cumulative weights."""
-    cdf = weights.cumsum(-1)
-    choice = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    return choice[:, 0].clamp(max=weights.size(-1) - 1)
 
 
 def generate(model, prompts, max_new_tokens, seed=None, **settings):

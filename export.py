@@ -34,9 +34,10 @@ import shutil
 
 import torch
 
+from checkpoint import load_checkpoint
 from configurator import configure, fail
 from engine import Engine, Row
-from model import GPT2_CONV1D, flip_rotary, load_checkpoint
+from hf import HF_CLASSES, gguf_arch, hf_arch, to_hf, to_theirs, with_biases
 from tokenizer import (SPECIAL_NAMES, SPLIT_PATTERN, byte_chars, gpt2_tokenizer, meta_path_for, read_meta,
                        tokenizer_from_meta)
 
@@ -49,118 +50,9 @@ overwrite = False  # replace an existing --to, when it is a previous export (nev
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
 # -----------------------------------------------------------------------------
 
-# the GELU our models train with (exact) and the one GPT-2's weights were trained with (tanh)
-ACTIVATIONS = {('gelu', 'none'): 'gelu', ('gelu', 'tanh'): 'gelu_new', ('relu2', 'none'): 'relu2'}
 # GPT-2's split regex: tiktoken's spelling (possessive quantifiers, same pieces) and OpenAI's original
 GPT2_PATTERNS = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
                  r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
-
-# ---------------------------------------------------------------------------------------------
-# the model: our weights under transformers' names
-
-def hf_class(cfg):
-    """'GPT2LMHeadModel', 'NanoChatForCausalLM' or 'LlamaForCausalLM': the transformers class that computes
-    the model of GPTConfig cfg; ValueError naming the switches that none computes."""
-    if cfg.use_alibi:
-        raise ValueError("no transformers class computes use_alibi=True (GPT2LMHeadModel has learned positions, "
-                         "NanoChatForCausalLM and LlamaForCausalLM rotary ones)")
-    if cfg.use_rope and (cfg.qk_norm or cfg.embed_norm):
-        name, needs = 'NanoChatForCausalLM', dict(norm='rmsnorm', qk_norm=True, embed_norm=True, bias=False,
-                                                  mlp=('gelu', 'relu2'))
-    elif cfg.use_rope:
-        name, needs = 'LlamaForCausalLM', dict(norm='rmsnorm', mlp='swiglu', bias=False, logit_softcap=0.0)
-    else:
-        name, needs = 'GPT2LMHeadModel', dict(norm='layernorm', qk_norm=False, embed_norm=False, logit_softcap=0.0,
-                                              n_kv_head=cfg.n_head, mlp=('gelu', 'relu2'))
-    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in needs.items() if getattr(cfg, k) not in as_tuple(v)]
-    if wrong:
-        positions = 'rotary' if cfg.use_rope else 'learned'
-        raise ValueError(f"no transformers class computes this model: with {positions} positions that is {name}, which "
-                         f"needs {described(needs)}; this model has {', '.join(wrong)}")
-    return name
-
-
-def as_tuple(v):
-    return v if isinstance(v, tuple) else (v,)
-
-
-def described(needs):
-    """Switch values as a reader writes them: norm='rmsnorm', mlp in ('gelu', 'relu2')."""
-    return ', '.join(f"{k} in {v!r}" if isinstance(v, tuple) else f"{k}={v!r}" for k, v in needs.items())
-
-
-def to_hf(model, vocab_size=None, eot=None):
-    """(transformers config, state dict under its names) for our GPT: the class hf_class picks, the
-    vocabulary cut to vocab_size rows (a padded vocabulary's extra rows are never sampled), eot the
-    id that ends a document (None: none)."""
-    from transformers import GPT2Config, LlamaConfig, NanoChatConfig
-    cfg = model.config
-    name = hf_class(cfg)
-    n = vocab_size or cfg.vocab_size
-    act = ACTIVATIONS.get((cfg.mlp, cfg.gelu_approximate if cfg.mlp == 'gelu' else 'none'))
-    ours = {k: v.detach().float() for k, v in model.state_dict().items()}
-    wte, head = ours['transformer.wte.weight'][:n], ours['lm_head.weight'][:n]
-    C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
-    if name == 'LlamaForCausalLM':
-        config = LlamaConfig(vocab_size=n, hidden_size=C, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                             max_position_embeddings=cfg.block_size, hidden_act='silu', rms_norm_eps=cfg.rms_norm_eps,
-                             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta}, attention_bias=False,
-                             mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot,
-                             pad_token_id=None, architectures=[name])
-        # the same weights under its names: its rotary embedding pairs the halves of a head as ours does
-        sd = {'model.embed_tokens.weight': wte, 'model.norm.weight': ours['transformer.ln_f.weight'],
-              'lm_head.weight': head}
-        for i in range(cfg.n_layer):
-            h, layer = f'transformer.h.{i}.', f'model.layers.{i}.'
-            for x, w in zip('qkv', ours[h + 'attn.c_attn.weight'].split([C, cfg.n_kv_head * hd, cfg.n_kv_head * hd])):
-                sd[layer + f'self_attn.{x}_proj.weight'] = w
-            sd[layer + 'self_attn.o_proj.weight'] = ours[h + 'attn.c_proj.weight']
-            sd[layer + 'mlp.gate_proj.weight'], sd[layer + 'mlp.up_proj.weight'] = ours[h + 'mlp.c_fc.weight'].chunk(2)
-            sd[layer + 'mlp.down_proj.weight'] = ours[h + 'mlp.c_proj.weight']
-            sd[layer + 'input_layernorm.weight'] = ours[h + 'ln_1.weight']
-            sd[layer + 'post_attention_layernorm.weight'] = ours[h + 'ln_2.weight']
-        return config, sd
-    if name == 'GPT2LMHeadModel':
-        config = GPT2Config(vocab_size=n, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, activation_function=act, layer_norm_epsilon=1e-5, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
-                            bos_token_id=eot, eos_token_id=eot, architectures=[name])
-        sd = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in with_biases(ours).items()}
-        sd['transformer.wte.weight'], sd['lm_head.weight'] = wte, head
-        return config, sd
-    config = NanoChatConfig(vocab_size=n, hidden_size=C, intermediate_size=4 * C, num_hidden_layers=cfg.n_layer,
-                            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                            max_position_embeddings=cfg.block_size, hidden_act=act, rms_norm_eps=cfg.rms_norm_eps,
-                            rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-                            final_logit_softcapping=cfg.logit_softcap or None, attention_bias=False,
-                            bos_token_id=eot, eos_token_id=eot, pad_token_id=None, tie_word_embeddings=False,
-                            architectures=[name])
-    # its RMSNorms have no gain: ours multiply into the columns of the layer each feeds (which unties the head)
-    sd = {'model.embed_tokens.weight': wte, 'lm_head.weight': head * ours['transformer.ln_f.weight']}
-    for i in range(cfg.n_layer):
-        h, g1, g2 = f'transformer.h.{i}.', ours[f'transformer.h.{i}.ln_1.weight'], ours[f'transformer.h.{i}.ln_2.weight']
-        q, k, v = (ours[h + 'attn.c_attn.weight'] * g1).split([C, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
-        layer = f'model.layers.{i}.'
-        sd[layer + 'self_attn.q_proj.weight'] = flip_rotary(q, hd)
-        sd[layer + 'self_attn.k_proj.weight'] = flip_rotary(k, hd)
-        sd[layer + 'self_attn.v_proj.weight'] = v
-        sd[layer + 'self_attn.o_proj.weight'] = ours[h + 'attn.c_proj.weight']
-        sd[layer + 'mlp.fc1.weight'] = ours[h + 'mlp.c_fc.weight'] * g2
-        sd[layer + 'mlp.fc2.weight'] = ours[h + 'mlp.c_proj.weight']
-    return config, sd
-
-
-def with_biases(sd):
-    """A GPT-2-architecture state dict with a zero bias beside every LayerNorm and Linear weight that has
-    none (bias=False): GPT-2's formats always hold biases, and a zero one computes the same."""
-    out = dict(sd)
-    for k, v in sd.items():
-        bias = k.removesuffix('.weight') + '.bias'
-        if k.startswith(('transformer.h.', 'transformer.ln_f.')) and k.endswith('.weight') and bias not in sd:
-            out[bias] = torch.zeros(v.shape[0])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,23 +215,6 @@ def write_hf(model, v, meta, path, dtype='float32'):
             pickle.dump(meta, f)
 
 
-def gguf_arch(cfg):
-    """'gpt2' or 'llama': the llama.cpp architecture that computes the model of GPTConfig cfg; ValueError
-    naming the switches that neither computes."""
-    if cfg.use_rope:
-        arch, needs = 'llama', dict(norm='rmsnorm', mlp='swiglu', bias=False, qk_norm=False, embed_norm=False,
-                                    logit_softcap=0.0)
-    else:
-        arch, needs = 'gpt2', dict(use_alibi=False, norm='layernorm', qk_norm=False, embed_norm=False, mlp='gelu',
-                                   logit_softcap=0.0, n_kv_head=cfg.n_head)
-    wrong = [f"{k}={getattr(cfg, k)!r}" for k, ok in needs.items() if getattr(cfg, k) != ok]
-    if wrong:
-        raise ValueError(f"--format=gguf writes a model with {'rotary' if cfg.use_rope else 'learned'} positions as "
-                         f"llama.cpp's {'Llama' if cfg.use_rope else 'GPT-2'} architecture, which needs "
-                         f"{described(needs)}; this model has {', '.join(wrong)}")
-    return arch
-
-
 # llama.cpp's names for the split regexes of transformers' byte-level pre-tokenizers it rebuilds in C++
 # (llama-vocab.cpp); written by tokenizer.json as a ByteLevel with its regex, or a Split then a ByteLevel without
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -414,7 +289,7 @@ def write_gguf(model, v, path, dtype='float32', name=''):
     weights: the logits differ by about 1e-3, the greedy tokens rarely."""
     import gguf
     cfg = model.config
-    arch = gguf_arch(cfg)
+    arch = gguf_arch(cfg).removeprefix('gguf-')
     tokens, types, merges, pre = gguf_tokenizer(v)
     n, hd = v['n'], cfg.n_embd // cfg.n_head
     w = gguf.GGUFWriter(path, arch)
@@ -449,29 +324,10 @@ def write_gguf(model, v, path, dtype='float32', name=''):
     if v.get('chat_template'):
         w.add_chat_template(v['chat_template'])
 
+    # llama.cpp's names for our tensors (hf.py's table); its matrices are (out, in) like Linear's
     sd = {k: t.detach().float() for k, t in model.state_dict().items()}
-    # llama.cpp's names for our tensors; its matrices are (out, in) like Linear's
-    tensors = {'token_embd.weight': sd['transformer.wte.weight'][:n], 'output_norm.weight': sd['transformer.ln_f.weight']}
-    if not cfg.tie_embeddings:
-        tensors['output.weight'] = sd['lm_head.weight'][:n]
-    if arch == 'gpt2':
-        sd = with_biases(sd)
-        names = {'ln_1': 'attn_norm', 'attn.c_attn': 'attn_qkv', 'attn.c_proj': 'attn_output', 'ln_2': 'ffn_norm',
-                 'mlp.c_fc': 'ffn_up', 'mlp.c_proj': 'ffn_down'}
-        tensors.update({'position_embd.weight': sd['transformer.wpe.weight'],
-                        'output_norm.bias': sd['transformer.ln_f.bias']})
-        for i in range(cfg.n_layer):
-            for ours, theirs in names.items():
-                for kind in ('weight', 'bias'):
-                    tensors[f'blk.{i}.{theirs}.{kind}'] = sd[f'transformer.h.{i}.{ours}.{kind}']
-    for i in range(cfg.n_layer if arch == 'llama' else 0):
-        h, blk = f'transformer.h.{i}.', f'blk.{i}.'
-        q, k, v_ = sd[h + 'attn.c_attn.weight'].split([cfg.n_embd, cfg.n_kv_head * hd, cfg.n_kv_head * hd])
-        tensors.update({blk + 'attn_norm.weight': sd[h + 'ln_1.weight'], blk + 'attn_q.weight': interleave_rotary(q, hd),
-                        blk + 'attn_k.weight': interleave_rotary(k, hd), blk + 'attn_v.weight': v_,
-                        blk + 'attn_output.weight': sd[h + 'attn.c_proj.weight'],
-                        blk + 'ffn_norm.weight': sd[h + 'ln_2.weight'], blk + 'ffn_down.weight': sd[h + 'mlp.c_proj.weight']})
-        tensors[blk + 'ffn_gate.weight'], tensors[blk + 'ffn_up.weight'] = sd[h + 'mlp.c_fc.weight'].chunk(2)
+    sd['transformer.wte.weight'], sd['lm_head.weight'] = sd['transformer.wte.weight'][:n], sd['lm_head.weight'][:n]
+    tensors = to_theirs('gguf-' + arch, cfg, with_biases(sd) if arch == 'gpt2' else sd)
     for key, t in tensors.items():
         # float16 or quantized for the matrices only, as llama.cpp's converter does: norms and biases stay float32;
         # q8_0 and q4_0 pack blocks of 32 along a row, and the position table (a lookup, not a matmul) stays float32.
@@ -488,12 +344,6 @@ def write_gguf(model, v, path, dtype='float32', name=''):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def interleave_rotary(w, head_dim):
-    """A query or key projection's rows reordered within each head from (first half, second half) to
-    (x0, y0, x1, y1, ...): llama.cpp's Llama rotates adjacent pairs, apply_rope the two halves."""
-    return w.view(-1, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,7 +475,7 @@ def main():
         except ValueError:  # a kind this tokenizer.py does not read: the export is not compared with it
             tokenizer = None
         if format == 'hf':
-            hf_class(model.config)
+            hf_arch(model.config)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         fail(str(e))
     model.eval()
@@ -671,7 +521,7 @@ def main():
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
-    what = f"{hf_class(model.config)} directory" if format == 'hf' else 'GGUF file'
+    what = f"{HF_CLASSES[hf_arch(model.config)]} directory" if format == 'hf' else 'GGUF file'
     print(f"wrote {dest}: {what}, {dtype}, vocabulary of {v['n']} ({v['kind']})")
 
 

@@ -9,27 +9,27 @@ after the token embedding; use_rope, rmsnorm, swiglu and no biases together are 
 architecture); each acts in a few lines at the place it matters and
 defaults to GPT-2, so every old checkpoint still loads.
 
-Also here: the KV cache that engine.py decodes with, loading transformers' weights and our own
-checkpoints (load_checkpoint: every script loads through it), and the optimizer setup
-(AdamW, or Muon from muon.py).
+Also here: loading transformers' weights (from_pretrained, through hf.py's name maps), the optimizer
+setup (AdamW, or Muon from muon.py) and nanoGPT's generate (through engine.py, which owns the KV
+cache the attention writes into). Checkpoints are checkpoint.py's; the faster Linears inference swaps
+in are inference.py's; the dtype and device policy is common.py's.
 
 References:
 1) OpenAI's GPT-2 paper and TensorFlow code
 2) huggingface/transformers' PyTorch GPT-2 (for the checkpoint layout)
 """
 import contextlib
-import functools
 import inspect
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
+
+import engine
+import hf
 
 
 @dataclass
@@ -119,53 +119,6 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-# transformers' GPT-2 keeps these four as Conv1D weights, (in, out): the transpose of Linear's (out, in)
-GPT2_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-# transformers' activation names -> (mlp, gelu_approximate); GPT-2's weights were trained with 'gelu_new' (tanh)
-HF_ACTIVATIONS = {'gelu': ('gelu', 'none'), 'gelu_new': ('gelu', 'tanh'), 'gelu_pytorch_tanh': ('gelu', 'tanh'),
-                  'relu2': ('relu2', 'none')}
-
-
-def flip_rotary(w, head_dim):
-    """A query or key projection's rows with the second half of every head negated. transformers'
-    NanoChat rotates each (first half, second half) pair the other way round from apply_rope;
-    negating the second half turns one rotation into the other, and neither the query-key dot
-    products nor QK-norm see the sign. Its own inverse: export.py and from_pretrained both use it."""
-    sign = torch.ones(head_dim, dtype=w.dtype, device=w.device)
-    sign[head_dim // 2:] = -1
-    return w * sign.repeat(w.shape[0] // head_dim)[:, None]
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for `batch_size` rows of up to `max_len`
-    positions. Each row has its own length, so rows holding different prompts (or requests
-    that joined a server's batch at different times) decode together in one step."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.lengths = [0] * batch_size  # tokens held per row (host side: it sizes every step)
-        self.max_len = max_len
-
-    def copy_row(self, row, other, other_row=0):
-        """Put row `other_row` of cache `other` (e.g. a freshly prefilled prompt) into row `row`."""
-        n = other.lengths[other_row]
-        assert n <= self.max_len
-        for layer in range(len(self.k)):
-            self.k[layer][row, :, :n] = other.k[layer][other_row, :, :n]
-            self.v[layer][row, :, :n] = other.v[layer][other_row, :, :n]
-        self.lengths[row] = n
-
-    def rows(self, start, stop):
-        """Rows start..stop-1 as a cache of their own that shares this one's memory (its lengths
-        are a copy: write them back after a forward)."""
-        view = object.__new__(KVCache)
-        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.lengths, view.max_len = self.lengths[start:stop], self.max_len
-        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -418,93 +371,33 @@ class GPT(nn.Module):
         loop. torch.manual_seed makes it repeat: the engine's seed is drawn from torch's generator."""
         if max_new_tokens == 0:
             return idx
-        from engine import generate  # engine.py imports this file
         seed = int(torch.randint(2 ** 31, (1,)))
-        new = generate(self, idx.tolist(), max_new_tokens, seed=seed, temperature=temperature, top_k=top_k or 0)
+        new = engine.generate(self, idx.tolist(), max_new_tokens, seed=seed, temperature=temperature, top_k=top_k or 0)
         return torch.cat([idx, torch.tensor(new, dtype=idx.dtype, device=idx.device)], dim=1)
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """Weights from transformers: OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl',
         downloaded from the hub) or a local directory written by save_pretrained or export.py, holding a
-        GPT2LMHeadModel, a NanoChatForCausalLM or a LlamaForCausalLM (SmolLM2, TinyLlama, ...). ValueError
-        for a model this GPT does not compute (rope scaling, biases, another architecture)."""
+        GPT2LMHeadModel, a NanoChatForCausalLM or a LlamaForCausalLM (SmolLM2, TinyLlama, ...), their names
+        mapped to ours by hf.py. ValueError for a model this GPT does not compute (rope scaling, biases,
+        another architecture)."""
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
         from transformers import AutoModelForCausalLM
         print(f"loading weights from pretrained gpt: {name_or_path}")
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path)
-        hf, sd_hf = hf_model.config, hf_model.state_dict()
-        if hf.model_type not in ('gpt2', 'nanochat', 'llama'):  # Mistral's sliding window, Qwen2's biases, ...
-            raise ValueError(f"{name_or_path} holds a '{hf.model_type}' model; this GPT loads 'gpt2', 'nanochat' "
-                             f"and 'llama' models")
-        act = hf.activation_function if hf.model_type == 'gpt2' else getattr(hf, 'hidden_act', None)
-        # Llama's MLP gates with its activation (SiLU: SwiGLU); GPT-2's and NanoChat's apply theirs to one projection
-        known = {'silu': ('swiglu', 'none')} if hf.model_type == 'llama' else HF_ACTIVATIONS
-        if act not in known:
-            raise ValueError(f"{name_or_path}: activation '{act}' is not one of {', '.join(known)}")
-        mlp, gelu_approximate = known[act]
-        common = dict(vocab_size=hf.vocab_size, mlp=mlp, gelu_approximate=gelu_approximate,
-                      tie_embeddings=bool(hf.tie_word_embeddings), dropout=override_args.get('dropout', 0.0))
-        if hf.model_type == 'gpt2':
-            config = GPTConfig(block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
-                               bias=True, **common)
-            sd = {k: v.t() if k.endswith(GPT2_CONV1D) else v for k, v in sd_hf.items()
-                  if not k.endswith(('.attn.masked_bias', '.attn.bias'))}
-        elif hf.model_type == 'nanochat':
-            C, H = hf.hidden_size, hf.num_attention_heads
-            hd, rope = C // H, hf.rope_parameters or {}
-            if (hf.intermediate_size != 4 * C or hf.attention_bias or getattr(hf, 'head_dim', None) not in (None, hd)
-                    or rope.get('rope_type', 'default') != 'default'):
-                raise ValueError(f"{name_or_path}: this GPT computes NanoChat models with intermediate_size = 4 * "
-                                 f"hidden_size, no attention bias and plain rotary embeddings only")
-            config = GPTConfig(block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers, n_head=H, n_embd=C,
-                               n_kv_head=hf.num_key_value_heads, bias=False, use_rope=True,
-                               rope_theta=rope.get('rope_theta', 10000.0), norm='rmsnorm', qk_norm=True, embed_norm=True,
-                               logit_softcap=hf.final_logit_softcapping or 0.0, **common)
-            ones = torch.ones(C)  # its RMSNorms have no gain
-            sd = {'transformer.wte.weight': sd_hf['model.embed_tokens.weight'], 'transformer.ln_f.weight': ones,
-                  'lm_head.weight': sd_hf['lm_head.weight']}
-            for i in range(config.n_layer):
-                theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
-                sd[ours + 'attn.c_attn.weight'] = torch.cat([flip_rotary(sd_hf[theirs + 'self_attn.q_proj.weight'], hd),
-                                                             flip_rotary(sd_hf[theirs + 'self_attn.k_proj.weight'], hd),
-                                                             sd_hf[theirs + 'self_attn.v_proj.weight']])
-                sd[ours + 'attn.c_proj.weight'] = sd_hf[theirs + 'self_attn.o_proj.weight']
-                sd[ours + 'mlp.c_fc.weight'] = sd_hf[theirs + 'mlp.fc1.weight']
-                sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.fc2.weight']
-                sd[ours + 'ln_1.weight'] = sd[ours + 'ln_2.weight'] = ones
-        else:  # llama
-            C, H = hf.hidden_size, hf.num_attention_heads
-            rope = hf.rope_parameters or {}
-            cannot = [what for what, present in [
-                (f"rope_type '{rope.get('rope_type')}' (rope scaling)", rope.get('rope_type', 'default') != 'default'),
-                ('attention_bias', hf.attention_bias), ('mlp_bias', hf.mlp_bias),
-                (f"head_dim {hf.head_dim} (not hidden_size / num_attention_heads)", hf.head_dim not in (None, C // H))]
-                if present]
-            if cannot:
-                raise ValueError(f"{name_or_path}: this GPT computes Llama models with plain rotary embeddings, no biases "
-                                 f"and head_dim = hidden_size / num_attention_heads; this one has {', '.join(cannot)}")
-            config = GPTConfig(block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers, n_head=H, n_embd=C,
-                               n_kv_head=hf.num_key_value_heads, bias=False, use_rope=True,
-                               rope_theta=rope.get('rope_theta', 10000.0), norm='rmsnorm', rms_norm_eps=hf.rms_norm_eps,
-                               intermediate_size=hf.intermediate_size, **common)
-            # its rotary embedding pairs (first half, second half) of each head as apply_rope does: no flip
-            sd = {'transformer.wte.weight': sd_hf['model.embed_tokens.weight'],
-                  'transformer.ln_f.weight': sd_hf['model.norm.weight'], 'lm_head.weight': sd_hf['lm_head.weight']}
-            for i in range(config.n_layer):
-                theirs, ours = f'model.layers.{i}.', f'transformer.h.{i}.'
-                sd[ours + 'attn.c_attn.weight'] = torch.cat([sd_hf[theirs + f'self_attn.{x}_proj.weight'] for x in 'qkv'])
-                sd[ours + 'attn.c_proj.weight'] = sd_hf[theirs + 'self_attn.o_proj.weight']
-                sd[ours + 'mlp.c_fc.weight'] = torch.cat([sd_hf[theirs + 'mlp.gate_proj.weight'],
-                                                          sd_hf[theirs + 'mlp.up_proj.weight']])
-                sd[ours + 'mlp.c_proj.weight'] = sd_hf[theirs + 'mlp.down_proj.weight']
-                sd[ours + 'ln_1.weight'] = sd_hf[theirs + 'input_layernorm.weight']
-                sd[ours + 'ln_2.weight'] = sd_hf[theirs + 'post_attention_layernorm.weight']
+        args, arch = hf.config_from_hf(hf_model.config, name_or_path)
+        config = GPTConfig(**args, dropout=override_args.get('dropout', 0.0))
         model = GPT(config)
         own = model.state_dict()
-        if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
-            odd = sorted(set(sd) ^ set(own)) or [k for k in sd if sd[k].shape != own[k].shape]
+        theirs = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(('.attn.masked_bias', '.attn.bias'))}
+        try:
+            sd, unused = hf.from_theirs(arch, config, theirs)
+        except ValueError as e:
+            unused = [str(e)]
+        odd = unused or [k for k in own if k not in sd or sd[k].shape != own[k].shape]
+        if odd:
             raise ValueError(f"{name_or_path}: weights do not fit the architecture its config describes: {odd[:3]}")
         with torch.no_grad():
             for k, v in sd.items():
@@ -536,7 +429,7 @@ class GPT(nn.Module):
             {'params': embed_head, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
             {'params': no_decay, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0},
         ]
-        from muon import Muon
+        from muon import Muon  # only here: it imports torch.distributed's tensors, ~0.6 s at every start otherwise
         return Muon([g for g in groups if g['params']])
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, block_size=None):
@@ -560,201 +453,3 @@ def training_memory(config, batch_size):
         n_params = sum(p.numel() for p in GPT(config).parameters())
     s, b, h, a, L, V = config.block_size, batch_size, config.n_embd, config.n_head, config.n_layer, config.vocab_size
     return 16 * n_params + 2 * L * s * b * h * (34 + 5 * a * s / h) + 12 * b * s * V
-
-
-def load_checkpoint(out_dir, device='cpu', dropout=None):
-    """A GPT from out_dir/ckpt.pt (written by train.py, or by nanoGPT's) and the rest of the
-    checkpoint (optimizer state, iter_num, config, ...). Every script loads through here. A
-    checkpoint is data: weights_only=True refuses one that would run code when unpickled.
-    dropout: another rate to train on (a training setting, not part of the architecture)."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or set --out_dir")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        model_args = dict(checkpoint['model_args'])
-        model_args.setdefault('gelu_approximate', checkpoint.get('gelu_approximate', 'none'))
-        if dropout is not None:
-            model_args['dropout'] = dropout
-        config = GPTConfig(**model_args)
-        # nanoGPT's checkpoints of compiled models carry this prefix on every key
-        state = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
-        # the weights must fit model_args before the model is allocated: model_args alone may ask for terabytes
-        with torch.device('meta'):
-            expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-        misfits = [f"{k} is missing" for k in expected if k not in state] + \
-                  [f"{k} is not in the model" for k in state if k not in expected] + \
-                  [f"{k} is {tuple(state[k].shape)}, not {expected[k]}" for k in expected
-                   if k in state and tuple(state[k].shape) != expected[k]]
-        if misfits:
-            raise ValueError(f"its weights do not fit its model_args: {misfits[0]}"
-                             f"{f' (and {len(misfits) - 1} more)' if len(misfits) > 1 else ''}")
-        model = GPT(config)
-        model.load_state_dict(state)
-    except Exception as e:  # a truncated file, a pickle that is not plain data, weights of another shape
-        raise ValueError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return model, checkpoint
-
-
-def write_checkpoint(path, checkpoint):
-    """Save a checkpoint dict crash-safe: into a temporary file beside path, flushed to disk, then
-    renamed over path. A kill at any moment leaves the old checkpoint or the new one, whole; on an
-    exception the temporary file is removed and the exception passes on. train.py and rl.py save
-    through here (train.py removes a temporary ckpt.pt.<pid>.tmp that a killed run left behind)."""
-    tmp_path = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp_path, 'wb') as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)
-        raise
-
-
-class Int8Linear(nn.Module):
-    """A Linear whose weight is held as int8 with one scale per output row (weight-only
-    quantization): a decode step streams a quarter of float32's bytes. The input keeps its dtype."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric: the row's largest weight maps to 127
-        self.register_buffer('weight', (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer('scale', scale.to(linear.weight.dtype))
-        self.register_buffer('bias', None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        if x.device.type == 'cpu':  # PyTorch's CPU kernel multiplies by the int8 matrix directly
-            # its float32 path is ~10x slower than plain float32 (measured): float32 inputs go through bfloat16
-            a = flat.to(torch.bfloat16) if flat.dtype == torch.float32 else flat
-            y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scale.to(a.dtype)).to(x.dtype)
-        else:
-            y = (flat @ self.weight.to(x.dtype).t()) * self.scale.to(x.dtype)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-
-class PackedLinear(nn.Module):
-    """A Linear for CPU inference whose weight oneDNN has reordered once into its own blocked
-    layout. A decode step multiplies a few rows by every weight, so it is bound by reading them:
-    from this layout oneDNN reads ~1.6x (bfloat16) to ~2.3x (float32) faster than from nn.Linear's
-    (measured on GPT-2's matrices, 1 row, 2 cores). The same numbers come out, summed in another order."""
-
-    def __init__(self, linear):
-        super().__init__()
-        # an opaque oneDNN tensor, so a plain attribute: it stays out of state_dict and .to()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, 'none', [], '')
-
-
-def for_inference(model, device, dtype, quantize='', pack=True):
-    """Make `model` ready to generate with, in place: eval mode, the weights cast once to `dtype`
-    (not autocast on every op), and on a CPU every Linear (the head too; a tied head gets its own
-    copy, the embedding keeps `dtype`) swapped for a faster one: Int8Linear with quantize='int8',
-    else PackedLinear (float32 and bfloat16, where this PyTorch has oneDNN; pack=False keeps
-    nn.Linear, for bench.py to show the difference). sample.py's load_model and bench.py call it."""
-    if quantize not in ('', 'int8'):
-        raise ValueError(f"quantize must be '' or 'int8', not '{quantize}'")
-    model.eval().to(device=device, dtype=dtype)
-    if quantize == 'int8':
-        swap = Int8Linear
-    elif pack and device == 'cpu' and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
-        swap = PackedLinear
-    else:
-        return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, swap(child))
-    return model
-
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (Linux); an empty set where there is none."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return set(next((line for line in f if line.startswith('flags')), '').split(':')[-1].split())
-    except OSError:
-        return set()
-
-
-@functools.cache
-def bfloat16_speedup():
-    """How many times faster a 512-wide matmul runs in bfloat16 than in float32 on this CPU, with
-    torch's threads as they are: a probe of about 0.1 s. Having the instructions is not enough: on
-    one 2-core AVX-512 BF16 VM bfloat16 trained the quick start in 0.55x float32's time, on another
-    host of the same VM in 1.5x."""
-    def seconds(dtype):
-        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-        a @ b  # the first call sets up the kernel
-        n, t0 = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - t0 < 0.03:
-            a @ b
-            n += 1
-        return (time.perf_counter() - t0) / n
-    return seconds(torch.float32) / seconds(torch.bfloat16)
-
-
-def auto_dtype(device, dtype):
-    """`dtype`, or for 'auto' the fastest dtype that keeps float32's quality on `device`, with one
-    printed line saying which and why: bfloat16 on GPUs that support it (float16 on older ones) and
-    on CPUs that compute it natively (AVX-512 BF16 or AMX) where a probe finds it at least 1.2x as
-    fast as float32 (bfloat16_speedup), float32 elsewhere. Training autocasts to
-    it; inference casts the weights. train.py, sample.py, serve.py and bench.py all ask here."""
-    if dtype != 'auto':
-        return dtype
-    if device.startswith('cuda') and torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        name, why = ('bfloat16', 'this GPU supports it') if bf16 else ('float16', 'this GPU has no bfloat16')
-    elif device.startswith('cuda') or device == 'mps':
-        name, why = 'float32', f"float32 on {device}"
-    else:
-        flags = cpu_flags()
-        # where /proc/cpuinfo is missing (macOS, Windows) torch's own probe of the CPU answers
-        native = [n for n, f, probe in [('AMX', 'amx_bf16', '_is_amx_tile_supported'),
-                                        ('AVX-512 BF16', 'avx512_bf16', '_is_avx512_bf16_supported')]
-                  if f in flags or (not flags and getattr(torch.cpu, probe, lambda: False)())]
-        speedup = bfloat16_speedup() if native else None
-        name = 'bfloat16' if native and speedup >= 1.2 else 'float32'
-        if not native:
-            why = "this CPU has no native bfloat16 (AVX-512 BF16 or AMX)"
-        else:  # a CPU that has the instructions may still not run them faster (a VM's host, an old oneDNN)
-            why = f"this CPU has {native[0]}, and its bfloat16 matmuls ran {speedup:.1f}x float32's speed here"
-    # stderr: sample.py's stdout is the samples themselves
-    print(f"dtype: {name} (auto: {why}; --dtype=float32 to override)", file=sys.stderr)
-    return name
-
-
-def compiled(model, device):
-    """torch.compile(model), or the model itself with one line on stderr where no compiler works
-    here (no Triton for a GPU, as on Windows; no C++ compiler for a CPU): that fails only at the
-    first forward, deep in a traceback, so a tiny function is compiled first to find out."""
-    try:
-        torch.compile(lambda t: t * 2)(torch.ones(2, device=device))
-    except Exception as e:
-        print(f"torch.compile does not work here ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-              f"running without it", file=sys.stderr)
-        return model
-    return torch.compile(model)
-
-
-def check_device_dtype(device, dtype):
-    """The torch dtype named `dtype` ('auto' resolved by auto_dtype), after checking that `device`
-    exists here; ValueError (with the fix) otherwise. train.py, sample.py, serve.py and bench.py all ask here."""
-    if dtype not in DTYPES and dtype != 'auto':
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not '{dtype}'")
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available on this machine: use --device=cpu")
-    if device == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError("MPS is not available on this machine: use --device=cpu")
-    return DTYPES[auto_dtype(device, dtype)]

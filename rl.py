@@ -19,17 +19,17 @@ import re
 import shutil
 import sys
 import time
-import zlib
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
+from torch.distributed import all_reduce, barrier, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import SaveError, load_checkpoint, save_checkpoint
+from common import (autocast, check_training_settings, init_distributed, lock_out_dir, lr_at, nonfinite,
+                    resolve_dtype, stable_seed)
 from configurator import configure, fail
-from model import auto_dtype, check_device_dtype, load_checkpoint, write_checkpoint
-from sample import generate_text
+from textgen import generate_text
 from tokenizer import check_vocab, content_text, load_tokenizer, read_conversations, render_chat
 
 # -----------------------------------------------------------------------------
@@ -79,36 +79,16 @@ def reward(reply, reference):
     return float(final_answer(reply) == final_answer(reference))
 
 
-def stable_seed(*parts):
-    # Python's hash() of a str changes with every process; crc32 does not
-    return zlib.crc32(repr((seed,) + parts).encode())
+# checks before any work: the settings every training script shares, as train.py checks them
+check_training_settings(globals())
+dtype, ptdtype = resolve_dtype(device, dtype)
 
-
-# checks before any work
-for name in ('max_iters', 'questions_per_step', 'samples_per_question', 'batch_size', 'max_new_tokens', 'eval_interval',
-             'eval_samples'):
-    if globals()[name] < 1:
-        fail(f"{name} must be >= 1, not {globals()[name]}")
-if optimizer not in ('adamw', 'muon'):
-    fail(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
-try:
-    dtype = auto_dtype(device, dtype)
-    ptdtype = check_device_dtype(device, dtype)
-except ValueError as e:
-    fail(str(e))
-
-ddp = int(os.environ.get('RANK', -1)) != -1  # a torchrun run?
-rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+ddp, rank, _, world, device = init_distributed(device, backend)
 if questions_per_step % world:
     fail(f"questions_per_step ({questions_per_step}) must be divisible by the number of processes ({world})")
-if ddp:
-    if device.startswith('cuda'):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    init_process_group(backend=('nccl' if device.startswith('cuda') else 'gloo') if backend == 'auto' else backend)
 master = rank == 0  # logs and writes the checkpoints
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = autocast(device_type, dtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 # the model, its tokenizer and the questions
@@ -146,7 +126,7 @@ if init_from == 'resume':
 checkpoint = None
 model = DDP(raw_model) if ddp else raw_model
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    lock_out_dir(out_dir, 'rl.py')  # one run per out_dir, as train.py's
     meta = os.path.join(source, 'meta.pkl')
     if source != out_dir and os.path.exists(meta):  # the tokenizer beside the checkpoint, as train.py leaves it
         shutil.copyfile(meta, os.path.join(out_dir, 'meta.pkl'))
@@ -167,7 +147,7 @@ def evaluate():
     """Held-out pass@1 (the chance that one sampled reply is right) and pass@k (one of k is), over every process's share."""
     mine = held_out[rank::world]
     rewards = torch.zeros(2, device=device)  # sum of pass@1, sum of pass@k
-    replies = sample_replies([p for p, _ in mine], eval_samples, stable_seed('eval', iter_num, rank)) if mine else []
+    replies = sample_replies([p for p, _ in mine], eval_samples, stable_seed(seed, 'eval', iter_num, rank)) if mine else []
     for q, (_, reference) in enumerate(mine):
         r = [reward(text, reference) for _, _, text in replies[q * eval_samples:(q + 1) * eval_samples]]
         rewards += torch.tensor([sum(r) / len(r), max(r)], device=device)
@@ -177,12 +157,15 @@ def evaluate():
 
 
 def save():
+    problem = nonfinite(model=raw_model)
+    if problem:  # the old ckpt.pt (if any) stays as it was
+        fail(f"{problem} at step {iter_num}: training diverged (try a lower learning_rate); stopped before saving it")
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': opt.state_dict(), **inherited, 'iter_num': iter_num,
                   'config': config}
     try:
-        write_checkpoint(ckpt_path, checkpoint)
-    except Exception as e:  # a full disk, no permission: the old ckpt.pt (if any) is still whole
-        fail(f"could not save the checkpoint to {ckpt_path}: {e}")
+        save_checkpoint(ckpt_path, checkpoint)
+    except SaveError as e:  # a full disk, no permission: the old ckpt.pt (if any) is still whole
+        fail(str(e))
     print(f"saved {ckpt_path} (step {iter_num})")
 
 
@@ -192,7 +175,7 @@ def step_questions(step):
     n, orders, picks = len(questions['train']), {}, []
     for i in range(step * questions_per_step, (step + 1) * questions_per_step):
         if i // n not in orders:
-            orders[i // n] = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed('epoch', i // n)))
+            orders[i // n] = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, 'epoch', i // n)))
         picks.append(questions['train'][int(orders[i // n][i % n])])
     return picks[rank::world]
 
@@ -200,7 +183,7 @@ def step_questions(step):
 def train_step(step):
     """Sample, reward, and one policy-gradient update; (mean reward, mean reply length, loss)."""
     mine = step_questions(step)
-    replies = sample_replies([p for p, _ in mine], samples_per_question, stable_seed('sample', step, rank))
+    replies = sample_replies([p for p, _ in mine], samples_per_question, stable_seed(seed, 'sample', step, rank))
     batch = []  # (tokens, targets, advantage) of each reply that moves the loss
     stats = torch.zeros(3, device=device)  # reward sum, length sum, sampled tokens
     for q, (_, reference) in enumerate(mine):
@@ -217,7 +200,7 @@ def train_step(step):
     if ddp:
         all_reduce(stats)
     n_tokens = max(stats[2].item(), 1)  # the loss is a mean over every sampled token of the step, in all processes
-    lr = learning_rate * max(0.0, 1 - step / (lr_decay_iters or max_iters)) if decay_lr else learning_rate
+    lr = lr_at(step, learning_rate, 0, lr_decay_iters or max_iters, 0.0, 'linear') if decay_lr else learning_rate
     for group in opt.param_groups:
         group['lr'] = group['initial_lr'] * lr / learning_rate
     raw_model.train()
@@ -243,6 +226,8 @@ def train_step(step):
         loss_sum = torch.tensor(loss_sum, device=device)
         all_reduce(loss_sum)
         loss_sum = loss_sum.item()
+    if nonfinite(loss=loss_sum):  # before the step: the weights stay as they were
+        fail(f"{nonfinite(loss=loss_sum)} at step {step}: training diverged (try a lower learning_rate)")
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     opt.step()

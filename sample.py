@@ -7,21 +7,19 @@ $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a promp
 $ python sample.py --out_dir=out-chat --chat=True   # a multi-turn chat (a model fine-tuned on data/chat)
 $ python sample.py --out_dir=out-shakespeare-char --num_beams=4   # beam search: the best of 4 beams
 
-load_model, TextStream and generate_text are what bench.py and serve.py import: the model and
-its tokenizer from one loader, text out of the one decode engine (engine.py).
+The model and its tokenizer come from textgen.load_model, the text from textgen.generate_text: the
+one decode engine (engine.py) under the text layer every script shares.
 """
-import codecs
-import os
 import sys
 import time
 
 import torch
 
-from calculator import tool_calls
+from common import set_threads
 from configurator import configure, fail
-from engine import Engine, Row, beam_rows
-from model import GPT, GPTConfig, check_device_dtype, for_inference, load_checkpoint
-from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, render_chat, reply_content
+from engine import Row
+from textgen import generate_text, load_model
+from tokenizer import render_chat, reply_content
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a gpt2 variant ('gpt2', 'gpt2-xl'), a local transformers directory, a hub id
@@ -43,180 +41,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # 'cpu', 'cuda', 'cuda:
 dtype = 'auto'  # bfloat16 where the GPU or CPU computes it natively, else float32 (float16 on older GPUs); or name one
 quantize = ''  # 'int8': int8 weights with a scale per row in every Linear (on a CPU: faster at batch 1, slower at 8)
 tools = True  # a chat model with the calculator tokens gets its calculator calls answered (calculator.py)
-threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default (the cores), see set_threads
+threads = 0  # CPU threads the model computes on; 0: one fewer than torch's default (the cores), see common.set_threads
 # -----------------------------------------------------------------------------
-
-
-def set_threads(threads):
-    """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
-    anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads
-    sampled the quick-start model 1.3-28x slower than 1 (docs/experiments.md, Threads)."""
-    if threads or torch.get_num_threads() > 1:
-        torch.set_num_threads(threads or torch.get_num_threads() - 1)
-
-
-def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32', quantize='', pack=True):
-    """The model ready for inference on `device` in `dtype`, its tokenizer, and a dict that says
-    where it came from (the checkpoint's iter_num, config, parameters, ...); quantize and pack are
-    model.for_inference's. ValueError or FileNotFoundError with a one-line reason for anything
-    that cannot work, a tokenizer that does not fit included."""
-    ptdtype = check_device_dtype(device, dtype)
-    if init_from == 'resume':
-        model, info = load_checkpoint(out_dir, device)
-        info.pop('optimizer', None)
-        info['source'] = os.path.join(out_dir, 'ckpt.pt')
-        tokenizer = load_tokenizer(out_dir, (info.get('config') or {}).get('dataset'))
-    elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
-        if not init_from.startswith('gpt2'):
-            init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M-Instruct'): downloaded once
-        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
-        info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
-        # export.py leaves meta.pkl; a Llama model has its tokenizer.json
-        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()
-    else:
-        raise ValueError(f"init_from must be 'resume', a gpt2 name, a local transformers directory or a hub id "
-                         f"(owner/name), not '{init_from}'")
-    check_vocab(tokenizer, model.config.vocab_size)
-    info['parameters'] = model.get_num_params()  # counted before for_inference swaps the Linears out
-    return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
-
-
-class TextStream:
-    """Turns one sample's tokens into text as they arrive. A BPE token can end in the middle
-    of a UTF-8 character, so bytes are decoded incrementally and a partial character waits
-    for the next token. Text that could be the start of a stop string is held back until it
-    is clear; at a stop string the text ends just before it, at a stop token (<|endoftext|>)
-    it ends there."""
-
-    def __init__(self, tokenizer, stop=(), stop_tokens=()):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
-        self.stop_tokens = set(stop_tokens)
-        self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        self.pending = ''  # decoded, not yet released
-        self.stopped = False  # a stop string or stop token was reached
-
-    def add(self, token):
-        """Feed one token id; return the text that is now safe to show ('' if none)."""
-        if self.stopped:
-            return ''
-        if token in self.stop_tokens:
-            self.stopped = True
-            return self._release(len(self.pending))
-        self.pending += self.decoder.decode(self.tokenizer.token_bytes([token]))
-        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._release(cut)
-        # hold back the longest tail of pending that begins some stop string
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = k
-                    break
-        return self._release(len(self.pending) - hold)
-
-    def finish(self):
-        """The text still held back at the end of generation."""
-        if self.stopped:
-            return ''
-        self.pending += self.decoder.decode(b'', final=True)
-        return self._release(len(self.pending))
-
-    def _release(self, n):
-        out, self.pending = self.pending[:n], ('' if self.stopped else self.pending[n:])
-        return out
-
-
-def stop_tokens_of(tokenizer):
-    """The ids that end a generation: <|endoftext|> (a transformers model's eos_token), and a chat
-    model's <|assistant_end|> (and <|bos|>, which only ever starts a new conversation), and those a
-    transformers model's generation_config.json names."""
-    chat = [tokenizer.special_tokens[name] for name in ('<|assistant_end|>', '<|bos|>') if name in tokenizer.special_tokens]
-    return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat + tokenizer.stop_ids
-
-
-def start_reply(row, tokenizer, stop=(), tools=True):
-    """What decode_step needs on a row: its TextStream (row.text) and its calculator (row.calculator,
-    None unless tools and the tokenizer has the tool tokens)."""
-    row.text = TextStream(tokenizer, stop, row.stop_tokens)
-    row.calculator = tool_calls(tokenizer, tools)
-
-
-def decode_step(engine):
-    """One engine step, as text: (row, the text its new token adds) for each row the step
-    touched. Every row carries its TextStream as row.text (see start_reply): a row whose text
-    reaches a stop string ends there, and a token the tokenizer cannot decode fails the row
-    (row.error) as an engine fault would. A row's row.calculator answers the calculator calls
-    its model writes: the call and its output are part of the text."""
-    out = []
-    for row in engine.step():
-        piece = ''
-        if row.error is None:
-            try:
-                if row.beam is not None:  # a beam's tokens change until the search ends: its text comes whole then
-                    tokens = row.tokens if row.finish_reason else []
-                    piece = ''.join(row.text.add(t) for t in tokens)
-                else:
-                    piece = row.text.add(row.tokens[-1])
-                if row.text.stopped:
-                    engine.finish(row, 'stop')
-                if row.finish_reason:
-                    piece += row.text.finish()
-                elif row.beam is None and getattr(row, 'calculator', None):  # queue the output of a call just ended
-                    row.forced.extend(row.calculator.after(row.tokens[-1]))
-            except Exception as e:
-                row.error = e
-                engine.finish(row, 'error')
-        out.append((row, piece))
-    return out
-
-
-def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
-                  tools=True, keep=None, **settings):
-    """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
-    as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
-    settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
-    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end.
-    tools: answer the model's calculator calls. keep: a list that receives the engine rows (their tokens, and
-    which of them were sampled).
-    progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
-    ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
-    if num_beams > 1:
-        beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer)) for p in ids]
-        rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best
-    else:
-        rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,
-                            stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(ids)]
-    engine = Engine(model, len(every), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
-                    longest_prompt=max(len(row.prompt) for row in rows))
-    index = {id(row): i for i, row in enumerate(rows)}
-    if keep is not None:
-        keep.extend(rows)
-    for row in every:
-        start_reply(row, tokenizer, stop, tools)
-    engine.add(every)
-    total, done, t0, bar = max(1, len(every) * max_new_tokens), 0, time.time(), None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit='tok', desc='sampling', leave=False, file=sys.stderr, dynamic_ncols=True)
-    while engine.rows:
-        stepped = decode_step(engine)
-        for row, piece in stepped:
-            if row.error is not None:
-                raise row.error
-            if piece and id(row) in index:
-                yield index[id(row)], piece
-        done += len(stepped)
-        if bar is not None:
-            bar.update(len(stepped))
-        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
-            rate = done / max(time.time() - t0, 1e-6)
-            print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
-                  file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
 
 
 def main():

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from model import check_device_dtype, for_inference, load_checkpoint
+from checkpoint import load_checkpoint
+from common import check_device_dtype
+from inference import for_inference
 from tokenizer import read_meta
 
 # -----------------------------------------------------------------------------

@@ -449,7 +449,7 @@ def chat_tokens(tokenizer, messages):
 def render_chat(tokenizer, messages):
     """A conversation, [(role, content), ...], as the prompt ids for the assistant's next reply,
     and the stop strings that end that reply. A chat tokenizer renders chat_tokens and
-    <|assistant_start|>; the reply ends at <|assistant_end|> (sample.py's stop_tokens_of).
+    <|assistant_start|>; the reply ends at <|assistant_end|> (textgen.stop_tokens_of).
     A base model has never seen a chat: it gets a plain transcript to continue after
     'Assistant:', and stops where it would write the next turn. A model with its own chat template
     (a transformers model's) gets that, and stops at its end-of-turn token (stop_tokens_of)."""

@@ -18,30 +18,24 @@ FSDP: the same commands with --fsdp=True (add --activation_checkpointing=True to
 activation memory); across nodes, out_dir must be on a filesystem every node sees.
 """
 import atexit
-import contextlib
-import fcntl
-import glob
 import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
-import warnings
-import zlib
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed import destroy_process_group, init_process_group
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import (SaveError, load_checkpoint, load_optimizer_state, remove_old_shards, save_checkpoint,
+                        save_shards, saved_model_args)
+from common import (autocast, check_training_settings, close_progress, compiled, init_distributed, lock_out_dir, lr_at,
+                    nonfinite, progress_bar, resolve_dtype, stable_seed)
 from configurator import configure, fail
-from model import GPT, GPTConfig, auto_dtype, check_device_dtype, compiled, load_checkpoint, write_checkpoint
+from model import GPT, GPTConfig
 from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
 from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
                        tokenizer_from_meta)
@@ -121,96 +115,35 @@ configure(globals())
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
 
-# settings that cannot work stop here, before any work, with one line
-problems = [f"{k} must be >= 1, not {globals()[k]}" for k in ('batch_size', 'block_size', 'gradient_accumulation_steps',
-            'eval_interval', 'log_interval', 'eval_iters', 'n_layer', 'n_head', 'n_embd') if globals()[k] < 1]
-problems += [f"{k} must be >= 0, not {globals()[k]}" for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_kv_head')
-             if globals()[k] < 0]
-problems += [f"{k} must be a finite number >= 0, not {globals()[k]}" for k in ('learning_rate', 'min_lr', 'muon_lr',
-             'weight_decay', 'grad_clip', 'logit_softcap') if not (math.isfinite(globals()[k]) and globals()[k] >= 0)]
-problems += [f"{k} must be >= 0 and < 1, not {globals()[k]}" for k in ('beta1', 'beta2', 'muon_momentum', 'dropout')
-             if not 0 <= globals()[k] < 1]
-if problems:
-    fail(problems[0])
-try:
-    dtype = auto_dtype(device, dtype)
-    ptdtype = check_device_dtype(device, dtype)
-except ValueError as e:
-    fail(str(e))
-if optimizer not in ('adamw', 'muon'):
-    fail(f"optimizer must be 'adamw' or 'muon', not '{optimizer}'")
+# settings that cannot work stop here, before any work, with one line (the checks every training script shares)
+check_training_settings(globals())
+dtype, ptdtype = resolve_dtype(device, dtype)
 
 # various inits, derived attributes, I/O setup
-ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun run?
+ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = init_distributed(device, backend)
+master_process = ddp_rank == 0  # this process logs and writes checkpoints
+seed_offset = ddp_rank  # each process draws its own dropout masks
 if ddp:
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    if backend == 'auto':
-        backend = 'nccl' if device.startswith('cuda') else 'gloo'
-    init_process_group(backend=backend)
-    master_process = ddp_rank == 0  # this process logs and writes checkpoints
-    seed_offset = ddp_rank  # each process draws its own dropout masks
     # the global batch stays the same whatever the number of processes
     if gradient_accumulation_steps % ddp_world_size != 0:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
              f"number of processes ({ddp_world_size})")
     gradient_accumulation_steps //= ddp_world_size
-else:
-    ddp_rank, master_process, seed_offset, ddp_world_size = 0, True, 0, 1
-    if fsdp:
-        fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
+elif fsdp:
+    fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-lock_path = os.path.join(out_dir, 'train.lock')
-
-
-def lock_out_dir():
-    """Create out_dir and hold out_dir/train.lock for the life of the run: one run per out_dir.
-    An flock belongs to the open file, so the kernel drops it when the process ends, however it
-    ends: the lock file a killed run leaves behind is stale by construction and the next run takes it."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
-                fail(f"out_dir '{out_dir}' is in use by {holder}: wait for it to end or pick another out_dir")
-            # the run before us removes the file as it exits: make sure we hold the one on disk now
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                    break
-            os.close(fd)
-
-        def unlock():  # remove the file while still holding it, then let go
-            with contextlib.suppress(OSError):
-                os.remove(lock_path)
-            os.close(fd)
-        atexit.register(unlock)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"train.py pid {os.getpid()} on {socket.gethostname()}".encode())
-        # a temporary checkpoint left by a killed run: no one else writes here while we hold the lock
-        for path in glob.glob(os.path.join(out_dir, 'ckpt*.tmp')):  # ckpt.pt.<pid>.tmp, ckpt-shards.tmp
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            print(f"removed {path}, left by an interrupted save")
-    except OSError as e:
-        fail(f"cannot write to out_dir '{out_dir}': {e.strerror or e}")
 
 
 # rank 0 speaks for the run: it takes the lock and writes the checkpoints
 if master_process:
-    lock_out_dir()
+    lock_out_dir(out_dir, 'train.py')
 torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
 if device_type == 'cpu' and dtype == 'float16':
     ptdtype, dtype = torch.float32, 'float32'  # float16 autocast is a GPU thing; float32 on CPU
-ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = autocast(device_type, dtype)
 
 # data: token files written by data/<dataset>/prepare.py, read through np.memmap
 data_dir = os.path.join('data', dataset)
@@ -275,13 +208,8 @@ def batch_generator(*parts):
     """Batches are a pure function of (seed, split, iteration, micro-step): a resumed run draws
     exactly the batches the uninterrupted run would, with no sampler state to save."""
     g = torch.Generator()
-    g.manual_seed(stable_seed('batch', *parts))
+    g.manual_seed(stable_seed(seed, 'batch', *parts))
     return g
-
-
-def stable_seed(*parts):
-    # Python's hash() of a str changes with every process; crc32 does not
-    return zlib.crc32(repr((seed,) + parts).encode())
 
 
 # vocabulary size: from the dataset's meta.pkl if it has one
@@ -440,39 +368,14 @@ def set_peak_lrs():
 set_peak_lrs()  # before a resumed state loads too: its groups carry the key
 
 
-def dcp_reason(e):
-    """One line for a failed sharded save or load: torch.distributed.checkpoint wraps each rank's exception."""
-    if isinstance(e, dcp.CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    return e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__).splitlines()[0]
-
-
 if checkpoint is not None and checkpoint.get('config', {}).get('optimizer', 'adamw') != config['optimizer']:
     fail(f"{ckpt_path} was trained with optimizer='{checkpoint['config']['optimizer']}': its state does not fit "
          f"optimizer='{config['optimizer']}'")
-if checkpoint is not None and 'shards' in checkpoint:
-    # saved under FSDP: weights and optimizer state from the shards, resharded to this run's ranks (or none)
-    shards_dir = os.path.join(out_dir, checkpoint['shards'])
-    if not os.path.exists(os.path.join(shards_dir, '.metadata')):
-        fail(f"cannot load the sharded checkpoint {shards_dir}: it is missing or incomplete")
-    state = dict(zip(('model', 'optimizer'), get_state_dict(model, optimizer)))
+if checkpoint is not None:  # a resumed run: its weights (FSDP: from the shards) and optimizer state
     try:
-        with warnings.catch_warnings():  # in one process it warns that it loads in one process
-            warnings.simplefilter('ignore')
-            dcp.load(state, checkpoint_id=shards_dir, no_dist=not ddp)
-    except (Exception, dcp.CheckpointException) as e:  # a damaged shard
-        fail(f"cannot load the sharded checkpoint {shards_dir}: {dcp_reason(e)}")
-    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
-elif checkpoint is not None and fsdp:
-    # saved without FSDP: its optimizer state numbers the parameters in the groups' order; name them and shard it
-    names = {p: n for n, p in model.named_parameters()}
-    fqns = [names[p] for group in optimizer.param_groups for p in group['params']]
-    saved = checkpoint['optimizer']
-    set_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True), optim_state_dict={
-        'state': {fqns[i]: state for i, state in saved['state'].items()},
-        'param_groups': [{**group, 'params': [fqns[i] for i in group['params']]} for group in saved['param_groups']]})
-elif checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+        load_optimizer_state(model, optimizer, checkpoint, out_dir, ddp, fsdp)
+    except ValueError as e:
+        fail(str(e))
 if checkpoint is not None and 'scaler' in checkpoint:
     scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
@@ -528,53 +431,19 @@ def full_val_loss():
     return loss
 
 
-def get_lr(it):
-    # 1) linear warmup for warmup_iters steps
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    # 2) from lr_decay_iters on, min learning rate (also right after warmup when lr_decay_iters <= warmup_iters)
-    if it >= lr_decay_iters:
-        return min_lr
-    # 3) in between, cosine decay down to min learning rate
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # runs 1 -> 0
-    return min_lr + coeff * (learning_rate - min_lr)
-
-
-def save_shards():
-    """FSDP: every rank writes its shard of the weights and optimizer state into ckpt-shards.tmp, which
-    rank 0 renames to ckpt-shards-<iter>; ckpt.pt names the directory, so its own atomic rename commits both."""
-    tmp_dir = os.path.join(out_dir, 'ckpt-shards.tmp')
-    name = f'ckpt-shards-{iter_num:06d}'
-    try:
-        dcp.save(dict(zip(('model', 'optimizer'), get_state_dict(raw_model, optimizer))), checkpoint_id=tmp_dir)
-        if master_process:
-            # a new name every time: the directory the current ckpt.pt names stays whole until ckpt.pt moves on
-            for n in range(1, 1000):
-                if not os.path.exists(os.path.join(out_dir, name)):
-                    break
-                name = f'ckpt-shards-{iter_num:06d}-{n}'
-            os.rename(tmp_dir, os.path.join(out_dir, name))
-    except (Exception, dcp.CheckpointException) as e:  # a full disk, no permission; an interrupt passes on
-        if master_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        fail(f"could not save the sharded checkpoint to {tmp_dir}: {dcp_reason(e)}; {last_checkpoint()}")
-    return name
-
-
-def remove_old_shards(keep):
-    for path in glob.glob(os.path.join(out_dir, 'ckpt-shards-*')):
-        if os.path.basename(path) != keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def save_checkpoint():
+def save():
     global saving, saved_iter
     shards = None
+    if not fsdp and nonfinite(model=raw_model):  # (an FSDP rank holds a shard: the losses are checked instead)
+        diverged(nonfinite(model=raw_model))
     if fsdp:  # collectives: every rank takes part
         saving = True  # as below: a Ctrl-C waits for this rank's part to be written
-        shards = save_shards()
+        try:
+            shards = save_shards(raw_model, optimizer, out_dir, iter_num, master_process)
+        except SaveError as e:
+            fail(f"{e}; {last_checkpoint()}")
         # consolidated weights on rank 0 only, for sample.py, serve.py and export.py
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         model_state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not master_process:
             saved_iter, saving = iter_num, False
@@ -585,51 +454,25 @@ def save_checkpoint():
         'model': model_state if fsdp else raw_model.state_dict(),
         # under FSDP the optimizer state stays in the shards: no one downstream needs it consolidated
         **({'shards': shards} if fsdp else {'optimizer': optimizer.state_dict()}),
-        # nanoGPT's keys; architecture switches are recorded only when they differ from GPT-2,
-        # so a plain GPT-2-style checkpoint loads in nanoGPT's own sample.py too
-        'model_args': {k: v for k, v in model_args.items()
-                       if k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
-                       or (k != 'gelu_approximate' and v != GPTConfig.__dataclass_fields__[k].default
-                           and not (k == 'n_kv_head' and v == model_args['n_head']))},
+        'model_args': saved_model_args(model_args),
         'gelu_approximate': model_args['gelu_approximate'],
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
         'scaler': scaler.state_dict(),
     }
-    # crash-safe (model.write_checkpoint): a kill at any moment leaves either the old or the new checkpoint, whole
+    # crash-safe (checkpoint.write_checkpoint): a kill at any moment leaves either the old or the new checkpoint, whole
     saving = True
     try:
-        write_checkpoint(ckpt_path, checkpoint)
+        save_checkpoint(ckpt_path, checkpoint)
         saved_iter = iter_num
-    except Exception as e:  # a full disk, no permission: write_checkpoint has removed the partial file
-        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
-        chain = [e]
-        while chain[-1].__cause__ or chain[-1].__context__:
-            chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        os_error = next((c for c in chain if isinstance(c, OSError) and c.strerror), None)
-        reason = os_error.strerror if os_error else f"{type(e).__name__}: {e}".splitlines()[0]
-        fail(f"could not save the checkpoint to {ckpt_path}: {reason} (it needs {megabytes(tensor_bytes(checkpoint))}, "
-             f"{megabytes(shutil.disk_usage(out_dir).free)} free); {last_checkpoint()}")
+    except SaveError as e:  # a full disk, no permission: the partial file is gone
+        fail(f"{e}; {last_checkpoint()}")
     finally:
         saving = False
-    remove_old_shards(keep=shards)  # also those of an FSDP run this one resumed
+    remove_old_shards(out_dir, keep=shards)  # also those of an FSDP run this one resumed
     if pending_signal is not None:  # a Ctrl-C that came during the save ends the run now that it is whole
         raise KeyboardInterrupt(pending_signal)
-
-
-def tensor_bytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def megabytes(n):
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 def last_checkpoint():
@@ -669,32 +512,9 @@ signal.signal(signal.SIGINT, interrupted)
 signal.signal(signal.SIGTERM, interrupted)
 
 
-class AboveTheBar:
-    """stdout or stderr while the progress bar is drawn: each whole line is written above the bar, not through it."""
-
-    def __init__(self, stream, bar):
-        self.stream, self.bar, self.partial = stream, bar, ''
-
-    def write(self, text):
-        lines, newline, self.partial = (self.partial + text).rpartition('\n')
-        if newline:
-            self.bar.clear()
-            self.stream.write(lines + newline)
-            self.stream.flush()
-            self.bar.refresh()
-        return len(text)
-
-    def __getattr__(self, name):  # flush, fileno, isatty, ...
-        return getattr(self.stream, name)
-
-
 # progress: on a terminal a bar (loss, tok/s, ETA) with the evaluations printed above it; elsewhere (a file, CI,
 # serve.py's page, which parses them) nanoGPT's log lines
-bar = None
-if master_process and sys.stdout.isatty() and not eval_only:
-    from tqdm import tqdm
-    bar = tqdm(desc='training', total=max_iters, initial=iter_num, unit='it', file=sys.stdout, dynamic_ncols=True)
-    sys.stdout, sys.stderr = AboveTheBar(sys.stdout, bar), AboveTheBar(sys.stderr, bar)
+bar = progress_bar(max_iters, iter_num) if master_process and not eval_only else None
 # MFU means something against a GPU's peak; a CPU's only if the user gives its peak_flops
 mfu_peak = peak_flops or (312e12 if device_type == 'cuda' else 0.0)
 
@@ -709,10 +529,10 @@ try:
         # dropout masks come from the global RNG: re-seed it from the iteration number at every
         # evaluation (where checkpoints are written) so a resumed run continues exactly
         if evaluating:
-            torch.manual_seed(stable_seed('dropout', seed_offset, iter_num))
+            torch.manual_seed(stable_seed(seed, 'dropout', seed_offset, iter_num))
 
         # set the learning rate of every group for this iteration
-        lr = get_lr(iter_num) if decay_lr else learning_rate
+        lr = lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
         for group in optimizer.param_groups:
             group['lr'] = group['initial_lr'] * lr / learning_rate
 
@@ -732,7 +552,7 @@ try:
                 if iter_num > 0 and iter_num != saved_iter:  # after a resume, ckpt.pt already holds this iteration
                     if master_process:
                         print(f"saving checkpoint to {out_dir}")
-                    save_checkpoint()
+                    save()
         if iter_num >= max_iters or (iter_num == 0 and eval_only):
             break
 
@@ -756,8 +576,8 @@ try:
         # with DDP every rank sees the sum, so they stop together)
         if ddp:
             torch.distributed.all_reduce(step_loss)
-        if not math.isfinite(step_loss.item()):
-            diverged(f"the loss is {step_loss.item()}")
+        if nonfinite(loss=step_loss.item()):
+            diverged(nonfinite(loss=step_loss.item()))
         if grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -792,9 +612,7 @@ except KeyboardInterrupt as e:
         print(f"interrupted at iteration {iter_num}; {last_checkpoint()}")
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 finally:
-    if bar is not None:  # the streams as they were, and the finished bar left on screen
-        sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
-        bar.close()
+    close_progress(bar)
 
 if master_process and not eval_only:
     print(f"done: {last_checkpoint()}")

@@ -19,6 +19,12 @@ os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+if 'PYTEST_XDIST_WORKER' in os.environ:
+    # several test processes share the cores (make test: one per core): each, and every script it starts,
+    # computes on one thread, as a second would only wait for a core another worker holds
+    os.environ['OMP_NUM_THREADS'] = '1'
+    import torch
+    torch.set_num_threads(1)
 sys.path.insert(0, str(REPO))
 
 

@@ -1,15 +1,15 @@
 """
 Beam search through the decode engine gives transformers' generate(num_beams=N) token for token,
 on the same weights (export.py's conversion), beside free rows in the same batch; and as text,
-through sample.py's generate_text (what --num_beams runs).
+through textgen.generate_text (what sample.py --num_beams runs).
 """
 import pytest
 import torch
 
 from engine import Engine, Row, beam_rows
-from export import to_hf
+from hf import to_hf
 from model import GPT, GPTConfig
-from sample import generate_text
+from textgen import generate_text
 from tokenizer import char_tokenizer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -61,7 +61,7 @@ def test_beams_are_transformers_beams(seed, eot_boost, num_beams):
 
 
 def test_generate_text_num_beams():
-    """sample.py's generate_text(num_beams=...) (what --num_beams runs) gives transformers' best beam as text."""
+    """textgen.generate_text(num_beams=...) (what sample.py --num_beams runs) gives transformers' best beam as text."""
     chars = sorted(set('abcdefghij \n'))
     tok = char_tokenizer({'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))})
     torch.manual_seed(1)

@@ -10,7 +10,7 @@ import torch
 import engine as engine_module
 from engine import Engine, Row, SettingError, generate
 from model import GPT, GPTConfig
-from sample import generate_text
+from textgen import generate_text
 from tokenizer import gpt2_tokenizer
 
 

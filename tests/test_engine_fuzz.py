@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from engine import Engine, Row, SettingError, beam_rows
-from model import GPT, GPTConfig, KVCache
+from engine import KVCache
+from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

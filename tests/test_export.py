@@ -19,7 +19,9 @@ import torch
 
 from conftest import GPT2_BPE, REPO, SHAKESPEARE, run_script
 import export
-from model import GPT, GPTConfig, load_checkpoint
+import hf
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 
 TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--n_layer=2', '--n_head=4', '--n_embd=32',
         '--block_size=32', '--batch_size=4', '--eval_iters=1', '--log_interval=10', '--warmup_iters=2',
@@ -127,7 +129,7 @@ def test_hf_export_matches_ours(runs, name):
     ids = tok(text, verbose=False)['input_ids']
     assert ids == ours_encode(runs, name)(text)
     assert tok.decode(ids) == text
-    # greedy continuation of a real prompt, as the README's snippet does it
+    # greedy continuation of a real prompt, as docs/export.md's snippet does it
     prompt = ids[:12]
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=20,
@@ -343,9 +345,9 @@ def test_switches_without_a_transformers_class_are_named():
     for name, switches in cases.items():
         cfg = GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=16, vocab_size=10, block_size=8, bias=False), **switches))
         with pytest.raises(ValueError, match=re.escape(name)):
-            export.hf_class(cfg)
+            hf.hf_arch(cfg)
     ok = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=10, block_size=8, mlp='relu2', tie_embeddings=False)
-    assert export.hf_class(ok) == 'GPT2LMHeadModel'
+    assert hf.HF_CLASSES[hf.hf_arch(ok)] == 'GPT2LMHeadModel'
 
 
 def test_export_errors_are_one_line_and_write_nothing(runs):

@@ -8,9 +8,11 @@ import copy
 import pytest
 import torch
 
-import model as model_module
+import common
 from engine import Engine, generate
-from model import GPT, GPTConfig, Int8Linear, PackedLinear, auto_dtype, check_device_dtype, for_inference
+from common import auto_dtype, check_device_dtype
+from inference import Int8Linear, PackedLinear, for_inference
+from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -25,27 +27,27 @@ def tiny(seed=0, **overrides):
 @pytest.mark.parametrize('flags, expected', [({'avx512f', 'avx512_bf16'}, 'bfloat16'), ({'amx_bf16', 'amx_tile'}, 'bfloat16'),
                                              ({'avx2', 'avx512f'}, 'float32')])
 def test_auto_dtype_on_cpu_follows_the_flags(monkeypatch, capsys, flags, expected):
-    monkeypatch.setattr(model_module, 'cpu_flags', lambda: flags)
-    monkeypatch.setattr(model_module, 'bfloat16_speedup', lambda: 2.0)
+    monkeypatch.setattr(common, 'cpu_flags', lambda: flags)
+    monkeypatch.setattr(common, 'bfloat16_speedup', lambda: 2.0)
     assert auto_dtype('cpu', 'auto') == expected
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"dtype: {expected} (auto: ") and len(line.splitlines()) == 1
-    assert check_device_dtype('cpu', 'auto') == model_module.DTYPES[expected]
+    assert check_device_dtype('cpu', 'auto') == common.DTYPES[expected]
 
 
 def test_auto_dtype_takes_float32_where_bfloat16_is_not_faster(monkeypatch, capsys):
     """The instructions are there, but the probe finds bfloat16 matmuls slower (as on some VMs' hosts)."""
-    speedup = model_module.bfloat16_speedup.__wrapped__()  # the probe itself, on this machine
+    speedup = common.bfloat16_speedup.__wrapped__()  # the probe itself, on this machine
     assert 0 < speedup < 100
-    monkeypatch.setattr(model_module, 'cpu_flags', lambda: {'avx512f', 'avx512_bf16'})
-    monkeypatch.setattr(model_module, 'bfloat16_speedup', lambda: 0.5)
+    monkeypatch.setattr(common, 'cpu_flags', lambda: {'avx512f', 'avx512_bf16'})
+    monkeypatch.setattr(common, 'bfloat16_speedup', lambda: 0.5)
     assert auto_dtype('cpu', 'auto') == 'float32'
     assert 'AVX-512 BF16, and its bfloat16 matmuls ran 0.5x' in capsys.readouterr().err
 
 
 def test_auto_dtype_without_proc_cpuinfo_asks_torch(monkeypatch):
-    monkeypatch.setattr(model_module, 'cpu_flags', set)
-    monkeypatch.setattr(model_module, 'bfloat16_speedup', lambda: 2.0)
+    monkeypatch.setattr(common, 'cpu_flags', set)
+    monkeypatch.setattr(common, 'bfloat16_speedup', lambda: 2.0)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True, raising=False)
     assert auto_dtype('cpu', 'auto') == 'bfloat16'
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False, raising=False)
@@ -62,7 +64,7 @@ def test_auto_dtype_on_cuda(monkeypatch):
 
 
 def test_an_explicit_dtype_is_kept_silently(monkeypatch, capsys):
-    monkeypatch.setattr(model_module, 'cpu_flags', lambda: {'avx512_bf16'})
+    monkeypatch.setattr(common, 'cpu_flags', lambda: {'avx512_bf16'})
     for name in ('float32', 'bfloat16', 'float16'):
         assert auto_dtype('cpu', name) == name
     assert check_device_dtype('cpu', 'float32') == torch.float32

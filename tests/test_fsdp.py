@@ -14,7 +14,7 @@ import time
 import torch
 
 from conftest import REPO
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from test_core import TINY, iter_losses, train, workdir  # noqa: F401 (workdir is a fixture)
 
 

@@ -101,7 +101,7 @@ def test_random_operations_keep_outputs_and_the_budget(switches):
         elif engine.rows:
             engine.step()
         assert engine.prefix_tokens_held() <= budget
-        for tokens, kv in engine.saved.items():
+        for tokens, kv in engine.prefix.saved.items():
             assert kv.shape[3] == len(tokens) > 0
     while engine.rows:
         engine.step()
@@ -125,14 +125,14 @@ def test_eviction_is_least_recently_used():
     run([7, 8, 9, 10, 11, 12])
     assert engine.prefix_tokens_held() == 10
     assert run([1, 2, 3, 20, 21]) == 3  # touches [1..5]: [7..11] is now the oldest, and goes to make room
-    assert list(engine.saved) == [(1, 2, 3, 4, 5), (1, 2, 3, 20)]
+    assert list(engine.prefix.saved) == [(1, 2, 3, 4, 5), (1, 2, 3, 20)]
     assert run([7, 8, 9, 10, 11, 12]) == 0
-    assert list(engine.saved) == [(1, 2, 3, 20), (7, 8, 9, 10, 11)]
-    assert run([7, 8, 9, 10]) == 3 and len(engine.saved) == 2  # held already, in a longer one
-    assert run([7, 8, 9, 10, 11, 12, 13]) == 5 and list(engine.saved)[-1] == (7, 8, 9, 10, 11, 12)  # supersedes
+    assert list(engine.prefix.saved) == [(1, 2, 3, 20), (7, 8, 9, 10, 11)]
+    assert run([7, 8, 9, 10]) == 3 and len(engine.prefix.saved) == 2  # held already, in a longer one
+    assert run([7, 8, 9, 10, 11, 12, 13]) == 5 and list(engine.prefix.saved)[-1] == (7, 8, 9, 10, 11, 12)  # supersedes
     assert engine.prefix_tokens_held() == 10
     # a sequence longer than the budget keeps its start
-    assert run(list(range(20, 40))) == 0 and list(engine.saved) == [tuple(range(20, 30))]
+    assert run(list(range(20, 40))) == 0 and list(engine.prefix.saved) == [tuple(range(20, 30))]
     assert run(list(range(20, 36))) == 10
     # the off switch: nothing is kept
     off = Engine(model, 1, 10)
@@ -140,4 +140,4 @@ def test_eviction_is_least_recently_used():
     off.add([row])
     while off.rows:
         off.step()
-    assert not off.saved and row.cached_tokens == 0
+    assert not off.prefix and row.cached_tokens == 0

@@ -77,26 +77,33 @@ def test_sample_cli_stop_with_a_penalty(tmp_path):
     assert proc.stdout.count('---------------') == 2
 
 
-def in_process_server(loaded):
-    """serve.py's worker and HTTP server in this process, so faults can be injected into them."""
+def in_process_server(loaded, root=str(REPO)):
+    """serve.py's worker and HTTP server in this process, so faults can be injected into them; the page's runs
+    write under `root`, and models load from there."""
     import serve
-    serve.worker, serve.trainer, serve.load_lock = serve.Worker(loaded), serve.TrainRun(), threading.Lock()
-    httpd = serve.Server(('127.0.0.1', 0), serve.Handler)
+    from serving.runs import TrainRun
+    from serving.worker import Worker
+    httpd = serve.Server(('127.0.0.1', 0), TrainRun(serve.HERE, root), [root], Worker(loaded, prefix_cache_tokens=4096))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, f'http://127.0.0.1:{httpd.server_address[1]}'
 
 
+def loaded_model(out_dir):
+    from serving.worker import Loaded
+    return Loaded('resume', out_dir, 'cpu', 'auto')
+
+
 def test_a_fault_outside_any_request_fails_what_ran_and_the_worker_goes_on(tmp_path, monkeypatch, one_thread):
-    import serve
-    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out'))
-    decode_step, faults = serve.decode_step, []
+    import serving.worker
+    loaded = loaded_model(write_checkpoint(tmp_path / 'out'))
+    decode_step, faults = serving.worker.decode_step, []
 
     def faulty(engine):  # a bug in the worker's own code, once, while a request runs
         if not faults:
             faults.append(1)
             raise RuntimeError("injected")
         return decode_step(engine)
-    monkeypatch.setattr(serve, 'decode_step', faulty)
+    monkeypatch.setattr(serving.worker, 'decode_step', faulty)
     httpd, url = in_process_server(loaded)
     try:
         status, reply = raw(url, 'POST', '/v1/completions', dict(prompt='the', max_tokens=20, n=2))
@@ -106,21 +113,21 @@ def test_a_fault_outside_any_request_fails_what_ran_and_the_worker_goes_on(tmp_p
         assert health(url)['restarts'] == 1 and health(url)['active_rows'] == 0
     finally:
         httpd.shutdown()
-        serve.worker.close()
+        httpd.worker.close()
 
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')  # the worker's end, on purpose
 def test_a_worker_that_cannot_go_on_is_reported_not_silent(tmp_path, monkeypatch, one_thread):
     """When even a fresh engine cannot be made, the worker thread ends: /health answers 503, a waiting
     request gets its 503 at once, and so does every new one."""
-    import serve
-    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out'))
+    import serving.worker
+    loaded = loaded_model(write_checkpoint(tmp_path / 'out'))
     httpd, url = in_process_server(loaded)
-    worker = serve.worker
+    worker = httpd.worker
     try:
         def broken(*args):
             raise MemoryError("injected")
-        monkeypatch.setattr(serve, 'decode_step', lambda engine: broken())
+        monkeypatch.setattr(serving.worker, 'decode_step', lambda engine: broken())
         monkeypatch.setattr(worker, 'use', broken)
         t0 = time.time()
         status, reply = raw(url, 'POST', '/v1/completions', dict(prompt='the', max_tokens=20))
@@ -307,13 +314,25 @@ def test_a_run_that_ends_between_evaluations_saves_its_last_iteration(workdir):
     assert len(re.findall(r'^iter \d+:', proc.stdout, re.M)) == 7  # iterations 0..6, then the final evaluation
 
 
-def test_settings_that_cannot_work_are_one_line(workdir):
+def test_settings_that_cannot_work_are_one_line(workdir, capsys):
+    from common import check_training_settings
+    from configurator import check_value, settings_in
     settings = ['--batch_size=-1', '--batch_size=0', '--block_size=0', '--eval_iters=0', '--gradient_accumulation_steps=0',
                 '--eval_interval=0', '--log_interval=0', '--learning_rate=1e999', '--beta2=1.0']
+    # each through the check train.py (and every training script) makes first, in this process
+    defaults = settings_in(REPO / 'train.py')
+    for setting in settings:
+        key, text = setting[2:].split('=')
+        with pytest.raises(SystemExit) as exit:
+            check_training_settings(dict(defaults, **{key: check_value(defaults, key, text)}))
+        err = capsys.readouterr().err
+        assert exit.value.code == 1 and len(err.strip().splitlines()) == 1 and err.startswith(f'error: {key}'), err
+    # and train.py makes it before any work: two of them end to end, nothing written
     procs = [subprocess.Popen([sys.executable, str(REPO / 'train.py'), *TINY_TRAIN, '--out_dir=out-bad', setting],
                               cwd=workdir, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for setting in settings]
-    for setting, proc in zip(settings, procs):
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for setting in (settings[0], settings[-2])]
+    for setting, proc in zip((settings[0], settings[-2]), procs):
         proc.stderr = proc.communicate(timeout=300)[1]
         assert setting.split('=')[0][2:] in one_line_error(proc)
     assert not (workdir / 'out-bad').exists()
@@ -353,10 +372,8 @@ def test_random_traffic_never_hangs_or_breaks_the_server(tmp_path, monkeypatch, 
     import http.client
     import random
 
-    import serve
     first, second = write_checkpoint(tmp_path / 'out-a'), write_checkpoint(tmp_path / 'out-b', seed=1, use_rope=True)
-    httpd, url = in_process_server(serve.Loaded('resume', first))
-    monkeypatch.setattr(serve, 'train_root', str(tmp_path))  # where model loads may come from
+    httpd, url = in_process_server(loaded_model(first), root=str(tmp_path))  # where model loads may come from
     port = httpd.server_address[1]
     failures, statuses = [], []
 
@@ -429,4 +446,4 @@ def test_random_traffic_never_hangs_or_breaks_the_server(tmp_path, monkeypatch, 
         assert raw(url, 'POST', '/v1/completions', dict(prompt='the', max_tokens=3))[0] == 200
     finally:
         httpd.shutdown()
-        serve.worker.close()
+        httpd.worker.close()

@@ -17,9 +17,12 @@ import torch
 
 from conftest import REPO, run_script
 import engine as engine_module
-from engine import apply_penalties, generate, sample_tokens
-from model import GPT, GPTConfig, KVCache
-from sample import TextStream, generate_text, set_threads
+from engine import generate
+from sampling import apply_penalties, sample_tokens
+from engine import KVCache
+from model import GPT, GPTConfig
+from common import set_threads
+from textgen import TextStream, generate_text
 from tokenizer import char_tokenizer, gpt2_tokenizer
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0)

@@ -495,7 +495,7 @@ def test_generation_past_the_block_size(server, tmp_path):
     """Learned positions slide their window; rotary and ALiBi models run on past block_size.
     A prompt longer than block_size is cropped by one rule: the server's greedy continuation
     is sample.py's."""
-    from sample import generate_text, load_model
+    from textgen import generate_text, load_model
     original = raw(server, 'GET', '/api/model')[1]['out_dir']
     prompt = 'the quick brown fox jumps over the lazy dog'  # 43 characters, block_size 16
     for name, switches in [('out-learned', {}), ('out-rope', {'use_rope': True}), ('out-alibi', {'use_alibi': True})]:
@@ -591,8 +591,9 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
     decoded: each of those gets an error, and the healthy requests beside them complete with
     the text they get alone."""
     import engine as engine_module
-    import serve
-    loaded = serve.Loaded('resume', write_checkpoint(tmp_path / 'out-worker'))
+    from serving.api import Request, read_request
+    from serving.worker import Loaded, Worker
+    loaded = Loaded('resume', write_checkpoint(tmp_path / 'out-worker'), 'cpu', 'auto')
     ids = {c: CHARS.index(c) for c in 'QZ!?'}
     hidden_states = loaded.model.hidden_states
 
@@ -618,8 +619,8 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
     def request(prompt, **body):
         body = dict(dict(max_tokens=30, temperature=0.8, seed=7), **body)
         body['logit_bias'] = {str(i): -100 for i in ids.values()} | body.get('logit_bias', {})
-        rows, how = serve.read_request(body, [loaded.tokenizer.encode_prompt(prompt)], loaded.tokenizer, 16, chat=False)
-        return serve.Request(loaded, rows, how['stop'])
+        rows, how = read_request(body, [loaded.tokenizer.encode_prompt(prompt)], loaded.tokenizer, 16, False, 8, 1024)
+        return Request(loaded, rows, how['stop'])
 
     def answer(r):
         texts, done = {}, set()
@@ -636,7 +637,7 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
     def healthy():
         return [request('the lazy dog', n=2), request('a fox', temperature=0), request('quick', max_tokens=50)]
 
-    worker = serve.Worker(loaded)
+    worker = Worker(loaded, prefix_cache_tokens=4096)
     try:
         expected = [answer(r) for r in [*healthy()] for _ in [worker.submit(r)]]
         monkeypatch.setattr(loaded.model, 'hidden_states', faulty_hidden_states)
@@ -660,7 +661,7 @@ def test_a_fault_in_one_request_fails_only_that_request(tmp_path, monkeypatch):
 
 def reference_logprobs(out_dir, ids):
     """log_softmax of the model's logits at every position of ids, computed directly."""
-    from sample import load_model
+    from textgen import load_model
     model, _, _ = load_model('resume', out_dir)
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids]), targets=torch.zeros(1, len(ids), dtype=torch.long))

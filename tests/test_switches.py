@@ -15,7 +15,8 @@ import torch
 
 from conftest import REPO, SHAKESPEARE
 from engine import generate
-from model import GPT, GPTConfig, KVCache, apply_rope
+from engine import KVCache
+from model import GPT, GPTConfig, apply_rope
 from muon import newton_schulz
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50, dropout=0.0, bias=False)

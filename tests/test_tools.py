@@ -17,12 +17,13 @@ import time
 import pytest
 import torch
 
-import sample
+import textgen
 from calculator import MAX_DIGITS, TIME_LIMIT, calculate, number_text, tool_calls
 from conftest import REPO, run_script
 from engine import Engine, Row
-from model import GPT, GPTConfig, write_checkpoint
-from sample import decode_step, start_reply, stop_tokens_of
+from checkpoint import write_checkpoint
+from model import GPT, GPTConfig
+from textgen import decode_step, start_reply, stop_tokens_of
 from tokenizer import (SPECIAL_TOKENS, chat_tokens, content_text, parse_conversation, render_chat, reply_content,
                        tokenizer_from_meta, train_bpe)
 
@@ -392,14 +393,14 @@ def test_one_rl_step_moves_toward_the_rewarded_reply(caller, bpe, monkeypatch, c
             row.sampled = [j not in forced for j in range(len(row.tokens))]
             keep.append(row)
             yield i, text
-    monkeypatch.setattr(sample, 'generate_text', fake_generate_text)
+    monkeypatch.setattr(textgen, "generate_text", fake_generate_text)
     out = run_main(monkeypatch, capsys, 'rl.py', '--init_from=random', '--out_dir=rl-step', '--max_iters=1',
                    '--questions_per_step=1', '--samples_per_question=2', '--learning_rate=1e-3', '--eval_interval=1',
                    '--device=cpu', '--eval_questions=1', '--eval_samples=2', cwd=caller)
     prompt, _ = render_chat(bpe, CONVERSATION[:1])
     sequences = [(prompt + tokens, [-1] * (len(prompt) - 1) + [-1 if j in forced else t for j, t in enumerate(tokens)])
                  for tokens, _ in replies]
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     before, after = load_checkpoint(caller / 'random')[0], load_checkpoint(caller / 'rl-step')[0]
     with torch.no_grad():
         old = [sequence_logprob(before, ids, targets) for ids, targets in sequences]
@@ -424,6 +425,6 @@ def test_rl_resumes_exactly(caller, bpe, monkeypatch, capsys):
     a, b = (torch.load(caller / d / 'ckpt.pt', weights_only=True) for d in ('rl-whole', 'rl-half'))
     assert a['iter_num'] == b['iter_num'] == 4 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert all(torch.equal(x, y) for x, y in zip(a['optimizer']['state'][0].values(), b['optimizer']['state'][0].values()))
-    # the checkpoint is train.py's: sample.py's loader reads it, tokenizer and all
-    model, tokenizer, info = sample.load_model('resume', str(caller / 'rl-half'), 'cpu', 'float32')
+    # the checkpoint is train.py's: textgen's loader reads it, tokenizer and all
+    model, tokenizer, info = textgen.load_model('resume', str(caller / 'rl-half'), 'cpu', 'float32')
     assert info['iter_num'] == 4 and tokenizer.special_tokens == bpe.special_tokens
