@@ -149,6 +149,13 @@ def stable_seed(seed, *parts):
     return zlib.crc32(repr((seed,) + parts).encode())
 
 
+def set_peak_lrs(optimizer, learning_rate, muon_lr):
+    """Each optimizer group's peak rate, which the schedule scales (group['initial_lr']): this run's
+    learning_rate, or muon_lr for Muon's matrices; set again over a resumed state, which brings the old run's."""
+    for group in optimizer.param_groups:
+        group['initial_lr'] = muon_lr if group.get('use_muon') else learning_rate
+
+
 def lr_at(it, learning_rate, warmup_iters, decay_iters, min_lr, shape='cosine'):
     """The learning rate at iteration `it`: a linear warmup over warmup_iters, then down to min_lr at
     decay_iters along a cosine ('cosine', nanoGPT's) or a straight line ('linear'), min_lr after."""
@@ -188,13 +195,19 @@ def check_training_settings(settings):
         fail(problems[0])
 
 
-def nonfinite(loss=None, model=None):
-    """What went non-finite, in words, or None: the loss (a float), or a weight of the model (before a save)."""
+def nonfinite(loss=None, model=None, probe=None):
+    """What went non-finite, in words, or None: the loss (a float), a weight of the model, or (probe: token ids)
+    the model's logits on them, which weights too large to compute with give even while each is finite."""
     if loss is not None and not math.isfinite(loss):
         return f"the loss is {loss}"
     for name, p in (model.named_parameters() if model is not None else ()):
         if not bool(torch.isfinite(p.detach()).all()):
             return f"the weight {name} is not finite"
+    if probe is not None:
+        with torch.no_grad():
+            logits = model(torch.tensor([probe[-model.config.block_size:]], device=model.lm_head.weight.device))[0]
+        if not bool(torch.isfinite(logits).all()):
+            return "the model's logits are not finite"
     return None
 
 

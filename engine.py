@@ -130,55 +130,85 @@ class Row:
 
 class Beams:
     """num_beams rows searching together (beam_rows makes them): transformers' beam search with its
-    defaults (length_penalty 1, early_stopping False). Each step every beam's log probabilities add
-    to its score; the best 2 x num_beams continuations (more with several stop tokens) are ranked;
-    those among the first num_beams that end (a stop token, or max_tokens) become hypotheses scored
+    defaults (length_penalty 1, early_stopping False). Each step every beam's log probabilities (after
+    its penalties and logit_bias, which act on them as transformers' logits processors do) add to its
+    score; the best 2 x num_beams continuations (more with several stop tokens) are ranked; those among
+    the first num_beams that end (a stop token, a stop string, or max_tokens) become hypotheses scored
     by sum / length, the best others continue. It ends when num_beams hypotheses are in and the best
     running beam, at its length, scores no better than the worst of them, or when nothing can
-    continue. Then row i holds the i-th best hypothesis, and all leave the engine together."""
+    continue. Then row i holds the i-th best hypothesis, and all leave the engine together.
 
-    def __init__(self, rows, max_tokens, stop_tokens):
-        self.rows, self.max_tokens, self.stop_tokens = rows, max_tokens, set(stop_tokens)
+    stops: None, or a function of a beam's tokens that says whether they end at a stop string (the
+    caller's: the engine knows no text) by returning a key, the text that would be kept, else None.
+    Two hypotheses with the same key would read the same: the better one stays, so the choices differ."""
+
+    def __init__(self, rows, max_tokens, stop_tokens, stops=None):
+        self.rows, self.max_tokens, self.stop_tokens, self.stops = rows, max_tokens, set(stop_tokens), stops
         self.scores = [0.0] + [-1e9] * (len(rows) - 1)  # at first all beams are the same: only one counts
-        self.hypotheses = []  # (score, tokens), best first, at most num_beams
+        self.hypotheses = []  # (score, tokens, key, reason), best first, at most num_beams, keys distinct
         self.generated = 0
+
+    def end_of(self, tokens):
+        """(key, finish reason) where `tokens` end the search's sequence, else None."""
+        if tokens[-1] in self.stop_tokens:
+            return tuple(tokens), 'stop'
+        key = self.stops(tokens) if self.stops else None
+        if key is not None:
+            return key, 'stop'
+        return (tuple(tokens), 'length') if self.generated >= self.max_tokens else None
 
     def step(self, engine, logits):
         """One step of the search from its rows' logits (num_beams, vocab), in `engine`."""
         N, V = len(self.rows), logits.size(-1)
+        slots = [engine.rows.index(row) for row in self.rows]
         logprobs = logits.float().clone()
         logprobs[:, engine.vocab_size:] = float('-inf')
-        total = logprobs.log_softmax(-1) + torch.tensor(self.scores, device=logits.device)[:, None]
+        logprobs = engine.tables.adjust(self.rows, torch.tensor(slots), logprobs.log_softmax(-1), engine.vocab_size)
+        total = logprobs + torch.tensor(self.scores, device=logits.device)[:, None]
         values, ids = total.view(-1).topk(max(2, 1 + len(self.stop_tokens)) * N)
         self.generated += 1
         old = [row.tokens for row in self.rows]
         candidates = [(v, i // V, i % V) for v, i in zip(values.tolist(), ids.tolist())]
-        ends = [t in self.stop_tokens or self.generated >= self.max_tokens for _, _, t in candidates]
-        new = [(v / self.generated, old[beam] + [t]) for (v, beam, t), end in zip(candidates[:N], ends) if end]
-        self.hypotheses = sorted(self.hypotheses + new, key=lambda h: -h[0])[:N]  # stable: earlier first on a tie
-        going = [c for c, end in zip(candidates, ends) if not end][:N]
-        done = all(ends) or (len(self.hypotheses) == N and going[0][0] / self.generated <= self.hypotheses[-1][0])
+        ends = [self.end_of(old[beam] + [t]) for _, beam, t in candidates]
+        for (v, beam, t), end in zip(candidates[:N], ends):
+            if end is not None:
+                self.add_hypothesis(v / self.generated, old[beam] + [t], *end)
+        going = [c for c, end in zip(candidates, ends) if end is None][:N]
+        done = not going or (len(self.hypotheses) == N and going[0][0] / self.generated <= self.hypotheses[-1][0])
         if done:
-            for row, (_, tokens) in zip(self.rows, self.hypotheses):
-                row.tokens = tokens
+            ranked = self.hypotheses + [(v / self.generated, old[beam] + [t], None, end[1])  # too few distinct
+                                        for (v, beam, t), end in zip(candidates, ends) if end is not None]
+            for row, (_, tokens, _, reason) in zip(self.rows, ranked):
+                row.tokens, row.beam_reason = tokens, reason
             for row in self.rows:
-                engine.finish(row, 'stop' if row.tokens[-1] in self.stop_tokens else 'length')
+                engine.finish(row, row.beam_reason)
             return
-        slots = [engine.rows.index(row) for row in self.rows]
+        going += [(-1e9, *going[0][1:])] * (N - len(going))  # stop strings ended most candidates: placeholders
         parents = [slots[beam] for _, beam, _ in going]
-        if parents != slots:  # each beam's row takes its parent's keys and values
+        if parents != slots:  # each beam's row takes its parent's keys and values (and seen tokens)
             length = engine.cache.lengths[slots[0]]
             for k, v in zip(engine.cache.k, engine.cache.v):
                 k[slots, :, :length], v[slots, :, :length] = k[parents, :, :length], v[parents, :, :length]
+        engine.tables.reorder(slots, parents)
         for row, (score, beam, token) in zip(self.rows, going):
             row.tokens, row.next_token = old[beam] + [token], token
         self.scores = [score for score, _, _ in going]
+        engine.tables.count(slots, [token for _, _, token in going])
+
+    def add_hypothesis(self, score, tokens, key, reason):
+        """Keep a finished sequence among the num_beams best, one per key."""
+        same = [h for h in self.hypotheses if h[2] == key]
+        if same and same[0][0] >= score:
+            return
+        kept = [h for h in self.hypotheses if h[2] != key] + [(score, tokens, key, reason)]
+        self.hypotheses = sorted(kept, key=lambda h: -h[0])[:len(self.rows)]  # stable: earlier first on a tie
 
 
-def beam_rows(prompt, num_beams, max_tokens, stop_tokens=()):
-    """The engine rows of one beam search over `prompt` (add them together)."""
-    rows = [Row(prompt, max_tokens, temperature=0, stop_tokens=stop_tokens) for _ in range(num_beams)]
-    group = Beams(rows, max_tokens, stop_tokens)
+def beam_rows(prompt, num_beams, max_tokens, stop_tokens=(), stops=None, **settings):
+    """The engine rows of one beam search over `prompt` (add them together). stops: see Beams; settings:
+    Row's repetition_penalty, presence_penalty, frequency_penalty and logit_bias."""
+    rows = [Row(prompt, max_tokens, temperature=0, stop_tokens=stop_tokens, **settings) for _ in range(num_beams)]
+    group = Beams(rows, max_tokens, stop_tokens, stops)
     for row in rows:
         row.beam = group
     return rows

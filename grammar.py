@@ -19,6 +19,16 @@ class FormatError(ValueError):
     """A response_format this server cannot follow (or without llguidance installed), in one line."""
 
 
+class GrammarError(ValueError):
+    """A grammar that failed while a row generated: the row ends as an error, never as a finished text."""
+
+
+def reason(matcher):
+    """The grammar engine's error in one line: its first, without the parser state it dumps after it."""
+    text = (matcher.get_error() or 'unknown error').strip().splitlines()[0]
+    return text[:200]
+
+
 def json_grammar(tokenizer, response_format):
     """A function that makes a fresh constraint (one per row) for a response_format, or None for
     {"type": "text"}; FormatError naming what is wrong or unsupported."""
@@ -30,7 +40,11 @@ def json_grammar(tokenizer, response_format):
     elif kind == 'json_schema':
         spec = response_format.get('json_schema')
         schema = spec.get('schema') if isinstance(spec, dict) else None
-        if not isinstance(schema, (dict, bool)):
+        if schema is False:
+            raise FormatError("response_format's schema is false: no JSON value satisfies it")
+        if schema is True:  # any JSON: as json_object
+            schema = {'type': 'object'}
+        if not isinstance(schema, dict):
             raise FormatError("response_format.json_schema.schema must be a JSON schema (an object)")
     else:
         raise FormatError(f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
@@ -45,8 +59,26 @@ def json_grammar(tokenizer, response_format):
         raise FormatError(f"response_format's schema: {e}")
     error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
     if error:  # e.g. 'Unimplemented keys: ["not"]'
-        raise FormatError(f"response_format's schema is not supported: {error}")
-    return lambda: JSONConstraint(llguidance.LLMatcher(lltok, grammar, log_level=0), lltok.vocab_size)
+        raise FormatError(f"response_format's schema is not supported: {error.strip().splitlines()[0][:200]}")
+    make = lambda: JSONConstraint(llguidance.LLMatcher(lltok, grammar, log_level=0), lltok.vocab_size)  # noqa: E731
+    check_start(make(), tokenizer)
+    return make
+
+
+def check_start(constraint, tokenizer):
+    """FormatError unless the grammar can start with this model's vocabulary: its first mask must hold a
+    token that writes more than whitespace (a $ref cycle stops the engine at once; a character vocabulary
+    without '{' or digits can write no JSON object or number), so no row starts that could only end broken."""
+    words = constraint.mask.copy()
+    try:
+        constraint.fill_bitmask(words)
+    except GrammarError as e:
+        raise FormatError(f"response_format's schema cannot be followed from its start with this model's vocabulary "
+                          f"(a $ref cycle, or nothing the vocabulary can write; {e})")
+    allowed = [i for i in range(min(tokenizer.n_vocab, words.size * 32)) if (words[i // 32] >> (i % 32)) & 1]
+    if not any(tokenizer.token_bytes([i]).strip() for i in allowed if i not in tokenizer.special_tokens.values()):
+        raise FormatError("response_format asks for JSON this model's vocabulary cannot write (no token it has can "
+                          "begin it)")
 
 
 def lltokenizer(tokenizer):
@@ -80,17 +112,22 @@ class JSONConstraint:
         self.mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)  # llguidance's own size
 
     def fill_bitmask(self, words):
-        """Set bit t of the int32 words (numpy) for each token id t the grammar allows next."""
+        """Set bit t of the int32 words (numpy) for each token id t the grammar allows next; GrammarError when the
+        grammar engine fails (before or while computing the mask: it then allows only the end, which must not
+        pass for a finished text)."""
+        if not self.matcher.is_error():
+            self.matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
         if self.matcher.is_error():
-            raise ValueError(f"grammar: {self.matcher.get_error()}")
-        self.matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+            raise GrammarError(f"the response_format grammar failed: {reason(self.matcher)}")
         n = min(words.size, self.mask.size)
         words[:n] = self.mask[:n]
         words[n:] = 0
 
     def advance(self, token):
-        self.matcher.consume_token(token)  # a refused token puts the matcher in its error state
+        self.matcher.consume_token(token)
+        if self.matcher.is_error():  # a refused token, or a grammar that cannot go on: never a finished text
+            raise GrammarError(f"the response_format grammar failed: {reason(self.matcher)}")
 
     @property
     def done(self):
-        return self.matcher.is_stopped()
+        return self.matcher.is_stopped() and not self.matcher.is_error()

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import SaveError, load_checkpoint, save_checkpoint
 from common import (autocast, check_training_settings, init_distributed, lock_out_dir, lr_at, nonfinite,
-                    resolve_dtype, stable_seed)
+                    resolve_dtype, set_peak_lrs, stable_seed)
 from configurator import configure, fail
 from textgen import generate_text
 from tokenizer import check_vocab, content_text, load_tokenizer, read_conversations, render_chat
@@ -119,10 +119,9 @@ inherited = {k: checkpoint[k] for k in ('model_args', 'gelu_approximate', 'best_
 raw_model = model.to(device)
 opt = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer=optimizer,
                                  muon_lr=muon_lr, muon_momentum=muon_momentum)
-for group in opt.param_groups:
-    group.setdefault('initial_lr', group['lr'])
 if init_from == 'resume':
     opt.load_state_dict(checkpoint['optimizer'])
+set_peak_lrs(opt, learning_rate, muon_lr)  # this run's, also over a resumed state's (a new learning_rate counts)
 checkpoint = None
 model = DDP(raw_model) if ddp else raw_model
 if master:
@@ -157,7 +156,7 @@ def evaluate():
 
 
 def save():
-    problem = nonfinite(model=raw_model)
+    problem = nonfinite(model=raw_model, probe=held_out[0][0])
     if problem:  # the old ckpt.pt (if any) stays as it was
         fail(f"{problem} at step {iter_num}: training diverged (try a lower learning_rate); stopped before saving it")
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': opt.state_dict(), **inherited, 'iter_num': iter_num,

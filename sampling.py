@@ -41,6 +41,12 @@ class SlotTables:
             if table is not None:
                 table[slot] = table[last]
 
+    def reorder(self, slots, sources):
+        """Each of `slots` takes the seen-token counts of the slot at the same place in `sources` (a beam
+        search's rows follow their parents)."""
+        if self.counts is not None:
+            self.counts[slots] = self.counts[sources]
+
     def count(self, slots, tokens):
         """Each slot has seen one more of its token."""
         if self.counts is not None and slots:

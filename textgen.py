@@ -101,6 +101,20 @@ def stop_tokens_of(tokenizer):
     return ([] if tokenizer.eot is None else [tokenizer.eot]) + chat + tokenizer.stop_ids
 
 
+def stop_key(tokenizer, stop):
+    """For a beam search (engine.Beams' stops): a function of token ids that gives the text before the first
+    of the stop strings in their text, or None where none is; None when there are no stop strings."""
+    stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    if not stops:
+        return None
+
+    def key(tokens):
+        text = tokenizer.token_bytes(tokens).decode('utf-8', errors='replace')
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        return text[:cut] if cut >= 0 else None
+    return key
+
+
 def start_reply(row, tokenizer, stop=(), tools=True):
     """What decode_step needs on a row: its TextStream (row.text) and its calculator (row.calculator,
     None unless tools and the tokenizer has the tool tokens)."""
@@ -137,18 +151,24 @@ def decode_step(engine):
     return out
 
 
+BEAM_SETTINGS = ('repetition_penalty', 'presence_penalty', 'frequency_penalty', 'logit_bias')  # what beams honour
+
+
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
                   tools=True, keep=None, **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
-    each prompt's best beam instead (beam search ignores the sampling settings), its text whole at the end.
+    each prompt's best beam instead, its text whole at the end: the search is greedy (temperature, top_k and
+    top_p do not apply), the penalties, logit_bias and stop strings do.
     tools: answer the model's calculator calls. keep: a list that receives the engine rows (their tokens, and
     which of them were sampled).
     progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     if num_beams > 1:
-        beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer)) for p in ids]
+        kept = {k: v for k, v in settings.items() if k in BEAM_SETTINGS}
+        beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer), stop_key(tokenizer, stop), **kept)
+                 for p in ids]
         rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best
     else:
         rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,

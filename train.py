@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (SaveError, load_checkpoint, load_optimizer_state, remove_old_shards, save_checkpoint,
                         save_shards, saved_model_args)
 from common import (autocast, check_training_settings, close_progress, compiled, init_distributed, lock_out_dir, lr_at,
-                    nonfinite, progress_bar, resolve_dtype, stable_seed)
+                    nonfinite, progress_bar, resolve_dtype, set_peak_lrs, stable_seed)
 from configurator import configure, fail
 from model import GPT, GPTConfig
 from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
@@ -359,13 +359,7 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
                                        optimizer=optimizer, muon_lr=muon_lr, muon_momentum=muon_momentum)
 
 
-def set_peak_lrs():
-    # the schedule scales each group's own peak rate: this run's learning_rate, or muon_lr for Muon's matrices
-    for group in optimizer.param_groups:
-        group['initial_lr'] = muon_lr if group.get('use_muon') else learning_rate
-
-
-set_peak_lrs()  # before a resumed state loads too: its groups carry the key
+set_peak_lrs(optimizer, learning_rate, muon_lr)  # before a resumed state loads too: its groups carry the key
 
 
 if checkpoint is not None and checkpoint.get('config', {}).get('optimizer', 'adamw') != config['optimizer']:
@@ -379,7 +373,7 @@ if checkpoint is not None:  # a resumed run: its weights (FSDP: from the shards)
 if checkpoint is not None and 'scaler' in checkpoint:
     scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
-set_peak_lrs()  # again: a resumed optimizer state brought the old run's
+set_peak_lrs(optimizer, learning_rate, muon_lr)  # again: a resumed optimizer state brought the old run's
 
 raw_model = model
 if compile:

@@ -16,7 +16,7 @@ import uuid
 
 from engine import Row, SettingError, beam_rows, embed
 from grammar import FormatError, json_grammar
-from textgen import stop_tokens_of
+from textgen import BEAM_SETTINGS, stop_key, stop_tokens_of
 from tokenizer import CHAT_ROLES, render_chat, reply_content
 
 MAX_STOP = 4  # stop strings a request may give, as OpenAI's API
@@ -248,10 +248,13 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, max_batch_s
         raise APIError(str(e), 'response_format')
     beams = best_of > 1 and best_of > n and row.get('temperature', 1.0) == 0  # greedy best_of: a beam search
     try:
-        if beams:
-            require(make is None and row['logprobs'] is None,
-                    "best_of with temperature 0 (a beam search) takes no response_format or logprobs", 'best_of')
-            rows = [beam_rows(p, best_of, row['max_tokens'], stop_tokens_of(tokenizer)) for p in prompts]
+        if beams:  # greedy: the sampling filters and a sampled row's extras do not apply; refused, not ignored
+            for name, unset in (('response_format', make is None), ('logprobs', row['logprobs'] is None),
+                                ('top_k', row.get('top_k', 0) == 0), ('top_p', row.get('top_p', 1.0) == 1.0)):
+                require(unset, f"best_of with temperature 0 (a beam search) takes no {name}", name)
+            kept = {k: v for k, v in row.items() if k in BEAM_SETTINGS}
+            rows = [beam_rows(p, best_of, row['max_tokens'], stop_tokens_of(tokenizer), stop_key(tokenizer, stop),
+                              **kept) for p in prompts]
         else:  # best_of ranks the samples by their mean log probability: each row records its tokens'
             ranked = dict(row, logprobs=row['logprobs'] or 0) if best_of > n else row
             rows = [[Row(p, **ranked, seed=seed if seed is None else seed + i * best_of + j,

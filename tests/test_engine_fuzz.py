@@ -47,12 +47,15 @@ def make_model(arch):
 
 class Constraint:
     """A stand-in for a grammar: only `allowed` ids may come next, and it is complete after `length` of them.
-    An empty set allows nothing (the row fails); fault=True raises when it is advanced (so does the row)."""
+    An empty set allows nothing (the row fails); fault=True raises when it is advanced (so does the row);
+    fail_at=k raises when the mask is asked for after k tokens, as a grammar engine that gives up mid-row."""
 
-    def __init__(self, allowed, length, fault=False):
-        self.allowed, self.length, self.fault, self.taken = allowed, length, fault, []
+    def __init__(self, allowed, length, fault=False, fail_at=None):
+        self.allowed, self.length, self.fault, self.fail_at, self.taken = allowed, length, fault, fail_at, []
 
     def fill_bitmask(self, words):
+        if self.fail_at is not None and len(self.taken) >= self.fail_at:
+            raise ValueError("the grammar failed mid-row")
         words[:] = 0
         for t in self.allowed:
             words[t // 32] |= 1 << (t % 32)
@@ -68,7 +71,21 @@ class Constraint:
         return len(self.taken) >= self.length
 
     def fresh(self):
-        return Constraint(self.allowed, self.length, self.fault)
+        return Constraint(self.allowed, self.length, self.fault, self.fail_at)
+
+
+class StopPair:
+    """A stand-in for a stop string (the engine sees only ids): two given tokens in a row end a beam; its key
+    is the sequence before them."""
+
+    def __init__(self, a, b):
+        self.pair = [a, b]
+
+    def __call__(self, tokens):
+        for i in range(len(tokens) - 1):
+            if tokens[i:i + 2] == self.pair:
+                return tuple(tokens[:i])
+        return None
 
 
 def random_row(rng, max_tokens=None):
@@ -87,7 +104,8 @@ def random_row(rng, max_tokens=None):
         settings['stop_tokens'] = {rng.randrange(TOKENIZER_VOCAB) for _ in range(2)}
     if rng.random() < 0.2:
         allowed = set() if rng.random() < 0.1 else set(rng.sample(range(TOKENIZER_VOCAB), rng.randint(1, 6)))
-        settings['constraint'] = Constraint(allowed, rng.randint(1, MAX_NEW), fault=rng.random() < 0.1)
+        settings['constraint'] = Constraint(allowed, rng.randint(1, MAX_NEW), fault=rng.random() < 0.1,
+                                            fail_at=rng.choice([None, None, 0, 1, 3]))
     return Row(prompt, max_tokens or rng.randint(1, MAX_NEW), **settings)
 
 
@@ -194,7 +212,8 @@ def test_random_operations_keep_the_engine_consistent(arch):
         if any(reason in ('stop', 'length') for reason in reasons) and not by_caller and not hasattr(group, 'checked'):
             group.checked = True
             assert all(reason in ('stop', 'length') for reason in reasons) and not set(group.rows) & set(engine.rows), reasons
-            solo = beam_rows(group.rows[0].prompt, len(group.rows), group.max_tokens, group.stop_tokens)
+            solo = beam_rows(group.rows[0].prompt, len(group.rows), group.max_tokens, group.stop_tokens, group.stops,
+                             **group.settings)
             alone_engine = Engine(model, len(solo), MAX_NEW, vocab_size=TOKENIZER_VOCAB, prefill_chunk=CHUNK)
             alone_engine.add(solo)
             while alone_engine.rows:
@@ -227,7 +246,15 @@ def test_random_operations_keep_the_engine_consistent(arch):
                 counts['refused'] += 1
         elif op == 'beam' and free >= 2:
             row = random_row(rng)
-            rows = beam_rows(row.prompt, rng.randint(2, free), row.max_tokens, row.stop_tokens)
+            settings = {}  # penalties and logit_bias act on the beams' log probabilities; a stop "string" ends one
+            if rng.random() < 0.4:
+                settings.update(repetition_penalty=rng.choice([0.5, 1.3, 3.0]), presence_penalty=rng.uniform(-2, 2),
+                                frequency_penalty=rng.uniform(-2, 2))
+            if rng.random() < 0.4:
+                settings['logit_bias'] = {rng.randrange(TOKENIZER_VOCAB): rng.uniform(-100, 100) for _ in range(3)}
+            stops = StopPair(rng.randrange(TOKENIZER_VOCAB), rng.randrange(TOKENIZER_VOCAB)) if rng.random() < 0.5 else None
+            rows = beam_rows(row.prompt, rng.randint(2, free), row.max_tokens, row.stop_tokens, stops, **settings)
+            rows[0].beam.settings = settings
             try:
                 engine.add(rows)
                 live += rows

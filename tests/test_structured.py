@@ -88,3 +88,38 @@ def test_what_cannot_be_followed_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, 'llguidance', None)  # as if it were not installed
     with pytest.raises(grammar.FormatError, match='pip install llguidance'):
         grammar.json_grammar(tok, {'type': 'json_object'})
+
+
+def test_a_grammar_that_cannot_start_is_refused_before_any_row():
+    """A $ref to itself or a cycle of $defs stop the grammar engine at once; a vocabulary without '{' or digits
+    cannot begin an object or a number: each is a FormatError (a 400) in one line, never the engine's state
+    dump; schema true is json_object's, false is refused."""
+    json_tok = char_json_tokenizer()
+    no_json = char_tokenizer({'stoi': {c: i for i, c in enumerate('abc \n')}, 'itos': dict(enumerate('abc \n'))})
+    cycle = {'$defs': {'a': {'$ref': '#/$defs/b'}, 'b': {'$ref': '#/$defs/a'}}, '$ref': '#/$defs/a'}
+    for tok, schema, what in [(json_tok, {'$ref': '#'}, 'cannot be followed'), (json_tok, cycle, 'cannot be followed'),
+                              (no_json, {'enum': [1, 2]}, 'cannot be followed'), (json_tok, False, 'false'),
+                              (no_json, None, 'cannot write')]:
+        fmt = {'type': 'json_object'} if schema is None else {'type': 'json_schema', 'json_schema': {'schema': schema}}
+        with pytest.raises(grammar.FormatError, match=what) as e:
+            grammar.json_grammar(json_tok if tok is json_tok else tok, fmt)
+        assert '\n' not in str(e.value) and 'lexer_cost' not in str(e.value) and len(str(e.value)) < 300
+    make = grammar.json_grammar(json_tok, {'type': 'json_schema', 'json_schema': {'schema': True}})
+    words = make().mask.copy()
+    make().fill_bitmask(words)
+    assert [c for i, c in enumerate(CHARS) if (words[i // 32] >> (i % 32)) & 1 and c.strip()] == ['{']
+
+
+def test_a_grammar_that_fails_mid_row_ends_the_row_as_an_error():
+    """A pattern whose nested repeats exhaust the grammar engine while the row writes: the row ends with
+    finish_reason 'error' and a one-line reason, never as 'stop' with the JSON half written."""
+    tok = char_json_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=len(CHARS), bias=False)).eval()
+    schema = {'type': 'string', 'pattern': '^((((a{1,50}){1,50}){1,50}){1,50})$'}
+    make = grammar.json_grammar(tok, {'type': 'json_schema', 'json_schema': {'schema': schema}})
+    # only 'a' inside the string (the closing quote held off), so it runs into the engine's limit
+    row, = run(model, [Row(tok.encode('x'), 60, temperature=1.0, seed=1, constraint=make(),
+                           logit_bias={CHARS.index('"'): -50, CHARS.index('a'): 50})])
+    assert row.finish_reason == 'error' and isinstance(row.error, grammar.GrammarError), (row.finish_reason, row.tokens)
+    assert '\n' not in str(row.error) and 'Parser' not in str(row.error)

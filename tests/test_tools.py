@@ -428,3 +428,49 @@ def test_rl_resumes_exactly(caller, bpe, monkeypatch, capsys):
     # the checkpoint is train.py's: textgen's loader reads it, tokenizer and all
     model, tokenizer, info = textgen.load_model('resume', str(caller / 'rl-half'), 'cpu', 'float32')
     assert info['iter_num'] == 4 and tokenizer.special_tokens == bpe.special_tokens
+
+
+def test_rl_never_saves_what_went_non_finite(caller, monkeypatch, capsys):
+    """rl.py checks its settings with train.py's check (an infinite learning rate is refused before any work), and
+    a run that goes non-finite stops before its next save: the resumed run's ckpt.pt stays byte for byte."""
+    common = ['--device=cpu', '--questions_per_step=2', '--samples_per_question=2', '--eval_interval=2',
+              '--eval_questions=2', '--eval_samples=2', '--max_new_tokens=30', '--out_dir=rl-nan']
+    run_main(monkeypatch, capsys, 'rl.py', *common, '--init_from=sft', '--max_iters=2', cwd=caller)
+    saved = (caller / 'rl-nan' / 'ckpt.pt').read_bytes()
+    for lr, says in (('1e999', 'learning_rate must be a finite number >= 0, not inf'), ('1e30', 'diverged')):
+        with pytest.raises(SystemExit) as exit:  # some of its 4 replies right, some not: the step is taken
+            run_main(monkeypatch, capsys, 'rl.py', *common, '--init_from=resume', '--max_iters=4',
+                     '--samples_per_question=4', f'--learning_rate={lr}', cwd=caller)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 1 and says in err[-1] and err[-1].startswith('error: '), err
+        assert (caller / 'rl-nan' / 'ckpt.pt').read_bytes() == saved
+
+
+def test_bad_settings_are_refused_alike_by_every_training_script(capsys):
+    """Seeded random values for the settings train.py and rl.py share: the one check accepts or refuses
+    each value the same way for both scripts' settings."""
+    import random
+    from common import check_training_settings
+    from configurator import settings_in
+    scripts = {name: settings_in(REPO / name) for name in ('train.py', 'rl.py')}
+    shared = sorted(set(scripts['train.py']) & set(scripts['rl.py']))
+    rng = random.Random(0)
+    values = [0, -1, 1, 0.5, 1.0, 1e999, -1e999, float('nan'), 2 ** 40, 1e-9, 3]
+    tried = 0
+    for _ in range(400):
+        key = rng.choice(shared)
+        value = rng.choice(values)
+        if not isinstance(scripts['train.py'][key], (int, float)) or isinstance(scripts['train.py'][key], bool):
+            continue
+        if isinstance(scripts['train.py'][key], int) and not isinstance(value, int):
+            continue  # the configurator refuses a float for an int setting before this check
+        verdicts = []
+        for defaults in scripts.values():
+            try:
+                check_training_settings(dict(defaults, **{key: value}))
+                verdicts.append('accepted')
+            except SystemExit:
+                verdicts.append(capsys.readouterr().err.strip())
+        assert verdicts[0] == verdicts[1], (key, value, verdicts)
+        tried += 1
+    assert tried > 100
