@@ -11,10 +11,12 @@ import contextlib
 import glob
 import os
 import shutil
+import sys
 import warnings
 
 import torch
 
+from configurator import write_settings
 from model import GPT, GPTConfig
 
 
@@ -76,9 +78,13 @@ class SaveError(Exception):
 
 def save_checkpoint(path, checkpoint):
     """write_checkpoint, with a failure (a full disk, no permission) as a SaveError saying why and how much
-    the checkpoint needed."""
+    the checkpoint needed. A checkpoint with the run's settings ('config') gets them beside it as
+    config.yaml, readable and rerunnable (`python train.py out/config.yaml`)."""
     try:
         write_checkpoint(path, checkpoint)
+        if checkpoint.get('config'):
+            write_settings(os.path.join(os.path.dirname(path), 'config.yaml'), checkpoint['config'],
+                           os.path.basename(sys.argv[0]) or 'train.py')
     except Exception as e:
         # torch.save reports a failed write as a RuntimeError raised while handling the OSError
         chain = [e]

@@ -4,7 +4,9 @@ Settings for every script: plain globals at the top of the script, overridden by
     python train.py config/some_config.py --batch_size=32 --compile=False
 
 A script defines its settings, then calls configure(globals()). Config files are
-plain Python, exec'd in the script's namespace; each --key=value is parsed with
+plain Python, exec'd in the script's namespace, or .yaml / .json files of key: value (a run's
+config.yaml, which every training script writes beside its checkpoint, reruns that run). Each
+--key=value, and each value in a YAML or JSON file, is parsed with
 ast.literal_eval (a bare word such as --device=cpu stays a string) and must have
 the same type as the default (an int where a float is expected is fine).
 Anything wrong stops the script before it does any work: one line, exit code 1.
@@ -12,6 +14,8 @@ Anything wrong stops the script before it does any work: one line, exit code 1.
 """
 import ast
 import difflib
+import json
+import os
 import sys
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
@@ -52,6 +56,52 @@ def check_value(settings, key, text):
     return float(value) if isinstance(settings[key], float) else value
 
 
+def data_file_settings(path, settings):
+    """The settings a .yaml or .json config file sets, typed as --key=value would type them; a ValueError
+    saying what is wrong. YAML comes from PyYAML, which transformers already requires."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith('.json'):
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text) or {}
+    except Exception as e:
+        raise ValueError(f"config file '{path}' is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{' '.join(str(e).split())[:200]}")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file '{path}' must map setting names to values, not a {type(values).__name__}")
+    typed = {}
+    for key, value in values.items():
+        key = str(key)
+        if key not in settings:
+            raise ValueError(f"unknown setting '{key}' in {path}{closest(key, list(settings))}")
+        default = settings[key]
+        if isinstance(default, float) and isinstance(value, str):
+            try:  # YAML 1.1 reads 6e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)  # neither format has tuples
+        if not type_ok(default, value) or not isinstance(value, SETTING_TYPES):
+            raise ValueError(f"setting '{key}' in {path} expects {type(default).__name__}, "
+                             f"got {type(value).__name__} {value!r}"[:300])
+        typed[key] = float(value) if isinstance(default, float) else value
+    return typed
+
+
+def write_settings(path, settings, script):
+    """A run's resolved settings as config.yaml (atomically): `python <script> <path>` runs them again."""
+    import yaml
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(f"# the settings of this run: python {script} {path} reruns them\n")
+        yaml.safe_dump(dict(settings), f, sort_keys=False, default_flow_style=False)
+    os.replace(tmp, path)
+
+
 def settings_in(path):
     """A script's settings and their defaults, read from its source without running it: the
     plain assignments before its configure(globals()) call (serve.py checks a training run's
@@ -84,8 +134,17 @@ def configure(settings, argv=None):
             print(f"  --{k}={settings[k]!r}")
         sys.exit(0)
     for arg in argv:
+        if not arg.startswith('--') and arg.endswith(('.yaml', '.yml', '.json')):
+            try:
+                settings.update(data_file_settings(arg, {k: settings[k] for k in known}))
+            except OSError:
+                fail(f"config file '{arg}' not found")
+            except ValueError as e:
+                fail(str(e))
+            print(f"Overriding config with {arg}")
+            continue
         if not arg.startswith('--'):
-            # a config file: exec it, then check it only set known settings
+            # a Python config file: exec it, then check it only set known settings
             try:
                 with open(arg) as f:
                     source = f.read()

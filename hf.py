@@ -14,6 +14,8 @@ The architectures our GPT computes, and their classes:
 This file imports nothing of the project: it takes a config (GPTConfig or anything with its fields) and
 state dicts.
 """
+import os
+
 import torch
 
 # transformers' GPT-2 keeps these four as Conv1D weights, (in, out): the transpose of Linear's (out, in)
@@ -224,6 +226,13 @@ def gguf_arch(cfg):
                          f"llama.cpp's {'Llama' if cfg.use_rope else 'GPT-2'} architecture, which needs "
                          f"{described(needs)}; this model has {', '.join(wrong)}")
     return arch
+
+
+def weight_file_bytes(path):
+    """The bytes of a transformers directory's weight files (safetensors or PyTorch, sharded or not); None
+    when it has none (transformers then says what is missing)."""
+    names = [n for n in os.listdir(path) if n.endswith(('.safetensors', '.bin')) and not n.startswith('training_args')]
+    return sum(os.path.getsize(os.path.join(path, n)) for n in names) if names else None
 
 
 def config_from_hf(hf, name_or_path):

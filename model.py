@@ -21,6 +21,7 @@ References:
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -384,11 +385,29 @@ class GPT(nn.Module):
         another architecture)."""
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args), "only dropout can be overridden"
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
         print(f"loading weights from pretrained gpt: {name_or_path}")
+        # the config first: what it describes must be a model this GPT computes, and a local directory's
+        # weight files must be big enough to hold it, before transformers allocates a byte of it
+        try:
+            hf_config = AutoConfig.from_pretrained(name_or_path)
+        except OSError:
+            raise  # no such directory or hub model: transformers' own message says which
+        except Exception as e:  # transformers' checks of the config's values, a config.json that is not JSON
+            raise ValueError(f"{name_or_path}: its config.json is not one transformers reads: "
+                             f"{' '.join(str(e).split())[:200]}") from None
+        args, arch = hf.config_from_hf(hf_config, name_or_path)
+        try:
+            config = GPTConfig(**args, dropout=override_args.get('dropout', 0.0))
+            with torch.device('meta'):
+                n_params = sum(p.numel() for p in GPT(config).parameters())
+        except (AssertionError, TypeError, ValueError) as e:
+            raise ValueError(f"{name_or_path}: its config.json describes no model this GPT builds: {e}") from None
+        stored = hf.weight_file_bytes(name_or_path) if os.path.isdir(name_or_path) else None
+        if stored is not None and 2 * n_params > 1.05 * stored:  # 2 bytes a parameter at the least (16-bit)
+            raise ValueError(f"{name_or_path}: its config.json describes {n_params / 1e6:,.1f}M parameters, more than "
+                             f"its weight files ({stored / 1e6:,.1f} MB) can hold")
         hf_model = AutoModelForCausalLM.from_pretrained(name_or_path)
-        args, arch = hf.config_from_hf(hf_model.config, name_or_path)
-        config = GPTConfig(**args, dropout=override_args.get('dropout', 0.0))
         model = GPT(config)
         own = model.state_dict()
         theirs = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(('.attn.masked_bias', '.attn.bias'))}

@@ -213,37 +213,75 @@ def hf_tokenizer(meta):
                      stop_ids=meta.get('stop_ids', ()))
 
 
+def one_line(e):
+    """An exception in one line of at most 300 characters; a template's own raise_exception as its message."""
+    text = ' '.join(str(e).split())
+    return (text if type(e).__name__ == 'TemplateError' and text else f"{type(e).__name__}: {text}")[:300]
+
+
 class ChatTemplate:
     """A model's own chat template (jinja) rendered as transformers' apply_chat_template renders it:
     a sandbox with the same options, filters and names, and the rendered text tokenized with its
-    special tokens recognised (so, as there, a message that spells one gets that token)."""
+    special tokens recognised (so, as there, a message that spells one gets that token). A template comes
+    with a model from anywhere, so it renders on a budget: a template that raises, or loops, or builds
+    text without end is a ValueError in one line, never a hang or all the memory."""
+    MAX_STEPS = 1_000_000  # range() items one rendering may step through
+    MAX_CHARS = 4_000_000  # characters one rendering may write or build in one string
 
     def __init__(self, source, names, library_tokenizer):
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+        budget = self
+
+        class Bounded(ImmutableSandboxedEnvironment):
+            intercepted_binops = frozenset(['*', '**'])
+
+            def call_binop(self, context, operator, left, right):
+                # 'x' * 10**10 would build a 10 GB string before anything could stop it
+                sizes = [len(a) * b for a, b in ((left, right), (right, left))
+                         if isinstance(a, (str, list, tuple)) and isinstance(b, int)]
+                if operator == '*' and any(n > budget.MAX_CHARS for n in sizes):
+                    raise SecurityError("the template builds a string or list too long")
+                if operator == '**' and isinstance(right, (int, float)) and abs(right) > 64:
+                    raise SecurityError("the template raises a number to a power too large")
+                return super().call_binop(context, operator, left, right)
+
+        def counted_range(*args):
+            for i in range(*args):
+                budget.steps += 1
+                if budget.steps > budget.MAX_STEPS:
+                    raise SecurityError(f"the template loops more than {budget.MAX_STEPS:,} times")
+                yield i
 
         def raise_exception(message):
             raise jinja2.TemplateError(message)
 
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
+        env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=['jinja2.ext.loopcontrols'])
         env.filters['tojson'] = tojson
-        env.globals.update(raise_exception=raise_exception,
+        env.globals.update(raise_exception=raise_exception, range=counted_range,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
         try:
             self.template = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise ValueError(f"cannot read the chat template: {e}")
-        self.names, self.library, self.error = names, library_tokenizer, jinja2.TemplateError
+        except Exception as e:  # jinja's syntax errors, and whatever else a broken template source raises
+            raise ValueError(f"cannot read the chat template: {one_line(e)}")
+        self.names, self.library = names, library_tokenizer
 
     def render(self, messages, add_generation_prompt):
         """The text of [(role, content), ...]; with add_generation_prompt, followed by the assistant's header."""
+        self.steps, chunks, n = 0, [], 0
         try:
-            return self.template.render(messages=[{'role': r, 'content': c} for r, c in messages], tools=None,
-                                        documents=None, add_generation_prompt=add_generation_prompt, **self.names)
-        except self.error as e:
-            raise ValueError(f"the chat template refuses this conversation: {e}")
+            for chunk in self.template.generate(messages=[{'role': r, 'content': c} for r, c in messages], tools=None,
+                                                documents=None, add_generation_prompt=add_generation_prompt,
+                                                **self.names):
+                n += len(chunk)
+                if n > self.MAX_CHARS:
+                    raise ValueError(f"it writes more than {self.MAX_CHARS:,} characters")
+                chunks.append(chunk)
+        except Exception as e:  # raise_exception, a sandbox refusal, 1/0, a recursion without end ...
+            raise ValueError(f"the chat template refuses this conversation: {one_line(e)}") from None
+        return ''.join(chunks)
 
     def prompt(self, messages):
         return self.library.encode(self.render(messages, True), add_special_tokens=False).ids

@@ -161,3 +161,38 @@ def test_help_lists_settings_and_exits(script, flag):
                  '--init_from=None', '--betas=(0.9, 0.95)']:
         assert line in proc.stdout
     assert '_private' not in proc.stdout and '--os=' not in proc.stdout
+
+
+PY_CONFIG = "batch_size = 32\nlearning_rate = 6e-5\ncompile = False\ndevice = 'cpu'\nbetas = (0.8, 0.99)\n"
+
+
+@pytest.mark.parametrize('name, body', [
+    ('cfg.yaml', "# a comment\nbatch_size: 32\nlearning_rate: 6e-5\ncompile: false\ndevice: cpu\nbetas: [0.8, 0.99]\n"),
+    ('cfg.yml', "batch_size: 32\nlearning_rate: 0.00006\ncompile: no\ndevice: 'cpu'\nbetas:\n  - 0.8\n  - 0.99\n"),
+    ('cfg.json', '{"batch_size": 32, "learning_rate": 6e-5, "compile": false, "device": "cpu", "betas": [0.8, 0.99]}'),
+])
+def test_yaml_and_json_configs_equal_python_one(script, tmp_path, name, body):
+    want = result(run(script, config_file(tmp_path, PY_CONFIG)))
+    got = result(run(script, config_file(tmp_path, body, name=name)))
+    assert got == want and type(got['learning_rate']) is float and type(got['betas']) is tuple
+    # a flag after the file still wins
+    assert result(run(script, name, '--batch_size=4'))['batch_size'] == 4
+
+
+@pytest.mark.parametrize('name, body, words', [
+    ('a.yaml', "batch_size: 32\nlearnin_rate: 1e-3\n", ["'learnin_rate'", "'learning_rate'"]),
+    ('b.yaml', "batch_size: thirty\n", ["'batch_size'", 'expects int']),
+    ('c.yaml', "compile: 1\n", ["'compile'", 'expects bool']),
+    ('d.json', '{"batch_size": 1.5}', ["'batch_size'", 'expects int']),
+    ('e.json', '{"batch_size": ', ['not valid JSON']),
+    ('f.yaml', "batch_size: [1, 2\n", ['not valid YAML']),
+    ('g.yaml', "- batch_size\n- 3\n", ['must map setting names']),
+    ('h.json', '{"device": {"a": 1}}', ["'device'", 'expects str']),
+])
+def test_bad_yaml_and_json_configs_are_one_line(script, tmp_path, name, body, words):
+    msg = error(run(script, config_file(tmp_path, body, name=name)))
+    assert name in msg and all(w in msg for w in words), msg
+
+
+def test_missing_yaml_config(script):
+    assert 'nope.yaml' in error(run(script, 'nope.yaml'))

@@ -360,3 +360,72 @@ def test_nanogpt_generate(one_thread):
             logits, _ = model(idx[:, -16:])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(model.generate(x, 30, top_k=1), idx) and torch.equal(model.generate(x, 0), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile directories: what a downloaded model can hold is refused in one line, nothing allocated
+
+def test_hostile_llama_directories(llamas, tmp_path):
+    import shutil
+    import time
+    src, theirs = llamas['smol']
+
+    def variant(name, edit_config=None, files=None):
+        path = tmp_path / name
+        shutil.copytree(src, path)
+        if edit_config:
+            config = json.loads((path / 'config.json').read_text())
+            edit_config(config)
+            (path / 'config.json').write_text(json.dumps(config))
+        for file, text in (files or {}).items():
+            (path / file).write_text(text)
+        return path
+
+    # a config.json that claims a huge model: refused from the config and the files' sizes, before allocation
+    huge = variant('huge', lambda c: c.update(hidden_size=65536, intermediate_size=262144, num_hidden_layers=96,
+                                              num_attention_heads=512, num_key_value_heads=512, head_dim=128))
+    start = time.time()
+    with pytest.raises(ValueError, match=r'describes [\d,.]+M parameters, more than its weight files'):
+        GPT.from_pretrained(str(huge))
+    assert time.time() - start < 30
+    odd = variant('odd', lambda c: c.update(num_attention_heads=5, num_key_value_heads=5, head_dim=None))
+    with pytest.raises(ValueError, match='config.json is not one transformers reads.*not a multiple'):
+        GPT.from_pretrained(str(odd))
+    (odd / 'config.json').write_text('{"model_type": "llama", "hidden_size": ')
+    with pytest.raises(OSError, match='not a valid JSON'):  # what scripts print in one line, as a missing one
+        GPT.from_pretrained(str(odd))
+    for rope in ({'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                  'original_max_position_embeddings': 64}, {'rope_type': 'yarn', 'factor': 4.0}):
+        scaled = variant(f"rope-{rope['rope_type']}", lambda c: c.update(rope_scaling=rope))
+        with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}'"):
+            GPT.from_pretrained(str(scaled))
+    # fields this GPT has no use for are ignored, as transformers ignores them
+    extra = variant('extra', lambda c: c.update(some_future_field={'a': 1}, pretraining_tp=1))
+    idx = torch.randint(0, theirs.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(GPT.from_pretrained(str(extra)).eval()(idx, idx)[0], theirs(idx).logits, atol=1e-4)
+    # a corrupted or truncated tokenizer.json
+    text = (src / 'tokenizer.json').read_text()
+    for name, broken in (('truncated', text[:len(text) // 2]), ('garbage', '\x00\x01 not json'),
+                         ('wrong-shape', json.dumps({'model': {'type': 'BPE', 'vocab': 5}}))):
+        with pytest.raises(ValueError, match='tokenizer') as e:
+            load_tokenizer(str(variant(f'tok-{name}', files={'tokenizer.json': broken})))
+        assert '\n' not in str(e.value)
+    # templates that raise, loop or build without end: one line each, in well under a second
+    messages = [('user', 'hi'), ('assistant', 'hello')]
+    for template, says in (("{{ 1 / 0 }}", 'ZeroDivisionError'),
+                           ("{{ raise_exception('no tools here') }}", 'refuses this conversation: no tools here'),
+                           ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                            'loops more than'),
+                           ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+                            'loops more than'),
+                           ("{{ 'x' * 10000000000 }}", 'too long'), ("{{ 2 ** 100000000 }}", 'power too large'),
+                           ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", 'RecursionError'),
+                           ("{% for m in messages %", 'cannot read the chat template')):
+        config = json.loads((src / 'tokenizer_config.json').read_text())
+        path = variant(f'tpl-{len(says)}-{abs(hash(template))}',
+                       files={'tokenizer_config.json': json.dumps({**config, 'chat_template': template})})
+        start = time.time()
+        with pytest.raises(ValueError, match=says) as e:
+            render_chat(load_tokenizer(str(path)), messages)
+        assert '\n' not in str(e.value) and len(str(e.value)) < 400 and time.time() - start < 10, (template, e.value)

@@ -428,6 +428,9 @@ def test_rl_resumes_exactly(caller, bpe, monkeypatch, capsys):
     # the checkpoint is train.py's: textgen's loader reads it, tokenizer and all
     model, tokenizer, info = textgen.load_model('resume', str(caller / 'rl-half'), 'cpu', 'float32')
     assert info['iter_num'] == 4 and tokenizer.special_tokens == bpe.special_tokens
+    # the settings it used, beside ckpt.pt: fed back to rl.py they run the same run
+    again = run_main(monkeypatch, capsys, 'rl.py', 'rl-whole/config.yaml', '--out_dir=rl-again', cwd=caller)
+    assert [log(again, i) for i in (0, 1, 2, 3)] == [log(whole, i) for i in (0, 1, 2, 3)]
 
 
 def test_rl_never_saves_what_went_non_finite(caller, monkeypatch, capsys):

@@ -226,3 +226,15 @@ def test_lr_decay_iters_at_warmup_iters_and_mfu_once_measured(workdir):
     assert sorted(iter_losses(proc.stdout)) == list(range(7))
     iters = [line for line in proc.stdout.splitlines() if line.startswith('iter ')]
     assert not any('mfu' in line for line in iters[:5]) and all(re.search(r'mfu \d', line) for line in iters[5:])
+
+
+def test_config_yaml_reruns_the_run(workdir):
+    """Every save writes the run's resolved settings beside ckpt.pt as config.yaml; train.py reads it back
+    as a config file and trains the same run (the same losses)."""
+    first = train(workdir, '--out_dir=out-yaml', '--max_iters=4', '--eval_interval=2', '--learning_rate=2e-3')
+    config = (workdir / 'out-yaml' / 'config.yaml').read_text()
+    assert config.startswith('# the settings of this run: python train.py out-yaml/config.yaml')
+    assert 'learning_rate: 0.002' in config and 'max_iters: 4' in config
+    again = run_script(REPO / 'train.py', 'out-yaml/config.yaml', '--out_dir=out-yaml-again', cwd=workdir,
+                       env={'PYTHONPATH': str(REPO)})
+    assert iter_losses(again.stdout) == iter_losses(first.stdout) and len(iter_losses(first.stdout)) == 4
