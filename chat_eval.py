@@ -61,6 +61,7 @@ json_out = ''  # also write {task: {metric: value}} here
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
 tools = True  # answer the model's calculator calls (False: the model must do without; in process only)
+min_accuracy = 0.0  # exit 1 when a task's accuracy is below this (make chat-demo: a demo's figure cannot drift unseen)
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     configure(globals())  # before the constants below, so --help and overrides see only the settings above
@@ -366,6 +367,8 @@ def main():
         fail("bpb runs in process: drop url")
     if url and not tools:
         fail("tools=False works in process only: serve.py always answers a model's calculator calls")
+    if not 0 <= min_accuracy <= 1:
+        fail(f"min_accuracy must be between 0 and 1, not {min_accuracy}")
     for setting, value, low in (('batch_size', batch_size, 1), ('num_fewshot', num_fewshot, 0), ('limit', limit, 0),
                                 ('max_new_tokens', max_new_tokens, 1)):
         if not isinstance(value, int) or value < low:
@@ -403,6 +406,9 @@ def main():
         with open(tmp, 'w') as f:
             json.dump(results, f, indent=2)
         os.replace(tmp, json_out)
+    below = [f"{name} {r['acc']:.1%}" for name, r in results.items() if r.get('acc', 1.0) < min_accuracy]
+    if below:
+        fail(f"accuracy below min_accuracy={min_accuracy:.1%}: {', '.join(below)}")
 
 
 def fmt(value):

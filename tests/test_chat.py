@@ -192,10 +192,17 @@ def test_end_to_end_prepare_finetune_chat(tmp_path, one_thread):
         remote = run_script(REPO / 'chat_eval.py', f'--url={url}', f'--input={val}', '--max_new_tokens=20', env=env)
     finally:
         stop_server(proc)
+    # min_accuracy: a score under it fails the command (exit 1, one line), the scores printed first
     local = run_script(REPO / 'chat_eval.py', f'--out_dir={out_dir}', f'--input={val}', '--max_new_tokens=20',
-                       '--device=cpu', env=env)
-    score = lambda out: out.split('accuracy ')[1].split(' ')[0]  # noqa: E731
+                       '--device=cpu', '--min_accuracy=1.0', env=env, check=False)
+    score = lambda out: out.split('\naccuracy ')[1].split(' ')[0]  # noqa: E731
     assert score(local.stdout) == score(remote.stdout)
+    right, n = map(int, score(local.stdout).split('/'))
+    if right < n:
+        assert local.returncode == 1 and local.stderr.strip().splitlines()[-1] == \
+            f"error: accuracy below min_accuracy=100.0%: jsonl {right / n:.1%}", local.stderr
+    else:
+        assert local.returncode == 0
     chat = run_script(REPO / 'sample.py', f'--out_dir={out_dir}', '--chat=True', '--temperature=0', '--device=cpu',
                       '--max_new_tokens=20', cwd=tmp_path, env=env, input=f'{messages[0][1]}\n')
     assert chat.stdout.split('> ')[1].strip() == api_reply.strip()
