@@ -120,10 +120,12 @@ def start_reply(row, tokenizer, stop=(), tools=True):
     None unless tools and the tokenizer has the tool tokens)."""
     row.text = TextStream(tokenizer, stop, row.stop_tokens)
     row.calculator = tool_calls(tokenizer, tools)
+    if row.calculator:  # a speculative run ends at a call's end: its output comes next
+        row.pause_tokens.add(row.calculator.end)
 
 
 def decode_step(engine):
-    """One engine step, as text: (row, the text its new token adds) for each row the step
+    """One engine step, as text: (row, the text its new tokens add: row.stepped of them) for each row the step
     touched. Every row carries its TextStream as row.text (see start_reply): a row whose text
     reaches a stop string ends there, and a token the tokenizer cannot decode fails the row
     (row.error) as an engine fault would. A row's row.calculator answers the calculator calls
@@ -136,14 +138,20 @@ def decode_step(engine):
                 if row.beam is not None:  # a beam's tokens change until the search ends: its text comes whole then
                     tokens = row.tokens if row.finish_reason else []
                     piece = ''.join(row.text.add(t) for t in tokens)
-                else:
-                    piece = row.text.add(row.tokens[-1])
+                else:  # one token, or a speculative run's several: a stop string inside one ends the row there
+                    new = row.tokens[len(row.tokens) - row.stepped:]
+                    for i, token in enumerate(new):
+                        piece += row.text.add(token)
+                        if row.text.stopped:
+                            row.cut(len(new) - i - 1)
+                            row.finish_reason = row.finish_reason and 'stop'
+                            break
+                        if getattr(row, 'calculator', None) and not row.finish_reason:  # a call's end queues its output
+                            row.forced.extend(row.calculator.after(token))
                 if row.text.stopped:
                     engine.finish(row, 'stop')
                 if row.finish_reason:
                     piece += row.text.finish()
-                elif row.beam is None and getattr(row, 'calculator', None):  # queue the output of a call just ended
-                    row.forced.extend(row.calculator.after(row.tokens[-1]))
             except Exception as e:
                 row.error = e
                 engine.finish(row, 'error')
@@ -192,10 +200,11 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
                 raise row.error
             if piece and id(row) in index:
                 yield index[id(row)], piece
-        done += len(stepped)
+        new = sum(max(row.stepped, 1) for row, _ in stepped)  # a speculative step's run: several tokens
+        done += new
         if bar is not None:
-            bar.update(len(stepped))
-        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
+            bar.update(new)
+        elif progress and done * 10 // total > (done - new) * 10 // total:  # a file or CI's log: no \r
             rate = done / max(time.time() - t0, 1e-6)
             print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
                   file=sys.stderr, flush=True)

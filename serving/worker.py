@@ -196,18 +196,25 @@ class Worker:
                 self.fail(request, server_error(f"error while generating: {type(row.error).__name__}: {row.error}"))
                 failed.add(request)
                 continue
-            self.stats['generated_tokens'] += 1
-            self.metrics.add('nanogpt_generated_tokens_total')
+            new = max(row.stepped, 1)  # a speculative run adds several (a beam search's row: its one)
+            self.stats['generated_tokens'] += new
+            self.metrics.add('nanogpt_generated_tokens_total', new)
+            self.metrics.add('nanogpt_draft_tokens_proposed_total', row.drafted[0])
+            self.metrics.add('nanogpt_draft_tokens_accepted_total', row.drafted[1])
             now, last = time.time(), getattr(row, 'last_token_at', None)
             if last is None:
                 self.metrics.observe('nanogpt_time_to_first_token_seconds', now - request.arrived)
             else:
                 self.metrics.observe('nanogpt_inter_token_latency_seconds', now - last)
+            for _ in range(new - 1):  # the rest of a run came at the same moment
+                self.metrics.observe('nanogpt_inter_token_latency_seconds', 0.0)
             row.last_token_at = now
-            token = row.tokens[-1]
-            # a calculator's output is forced, not sampled: no logprobs of its own
-            scored = row.logprobs is not None and token not in row.stop_tokens and (not row.sampled or row.sampled[-1])
-            logprobs = [(token, *row.token_logprobs[-1])] if scored else []
+            tokens, sampled = row.tokens[len(row.tokens) - new:], row.sampled[len(row.sampled) - new:]
+            logprobs = []
+            if row.logprobs is not None:  # a calculator's output is forced, not sampled: no logprobs of its own
+                entries = iter(row.token_logprobs[len(row.token_logprobs) - sum(sampled):])
+                logprobs = [(t, *next(entries)) for t, s in zip(tokens, sampled) if s]
+                logprobs = [entry for entry in logprobs if entry[0] not in row.stop_tokens]
             if piece or logprobs:
                 request.events.put(('text', row.choice, piece, logprobs))
             if row.finish_reason:

@@ -1,0 +1,137 @@
+"""
+Speculative decoding, the engine's (engine.py alone imports this). A row with a draft proposes the tokens
+it guesses come next, and the step's one forward checks them all: the engine feeds the row's newest token
+and its K proposals (K+1 positions of its KV cache), the row keeps the proposals the model agrees with and
+one token of the model's own, and the engine takes the cache back to what was kept. At batch 1 a step is
+bound by reading the weights, so K+1 positions cost about what one does: every accepted proposal is a
+token for free.
+
+The proposer: 'ngram' (prompt lookup): the most recent earlier occurrence of the context's last 3 tokens
+(else 2, else 1) proposes the tokens that followed it. No second model; it pays where the answer repeats
+its context (quoting, editing, continuing a list).
+
+Checking keeps the model's distribution. A greedy row takes a proposal while it is the argmax. A sampled
+row takes proposal x with probability p(x), p being the distribution plain sampling draws from (after the
+penalties, logit_bias, top_k, temperature and top_p, sampling.probabilities), and on a rejection draws from
+p with x removed and renormalised: the accept/reject rule of speculative sampling (Leviathan et al. 2023;
+Chen et al. 2023) for a proposer that puts all its probability on x. Each position's penalties count the
+tokens taken before it, as one token a step would.
+"""
+import torch
+
+from sampling import draw, logprobs_of, probabilities
+
+DRAFTS = ('', 'ngram')  # '' is off
+
+
+class PromptLookup:
+    """One row's index of the n-grams (1 to 3 ids) of its context, grown as its tokens come."""
+
+    def __init__(self):
+        self.latest = {}  # n-gram -> the position just after its latest occurrence that something followed
+        self.seen = 1  # positions 1..seen-1 are indexed (as the position after an n-gram)
+
+    def propose(self, context, k):
+        """k ids (none when nothing matches): those that followed the latest earlier occurrence of the context's
+        last 3, 2 or 1 ids."""
+        for end in range(self.seen, len(context)):
+            for n in (1, 2, 3):
+                if end >= n:
+                    self.latest[tuple(context[end - n:end])] = end
+        self.seen = max(self.seen, len(context))
+        for n in (3, 2, 1):
+            end = self.latest.get(tuple(context[-n:])) if len(context) >= n else None
+            if end is not None:  # a copy that runs into the present goes on copying itself (a period of 1 or 2)
+                copy = context[end:end + k]
+                while len(copy) < k:
+                    copy.append(copy[len(copy) - (len(context) - end)])
+                return copy
+        return []
+
+
+def plan(engine, rows):
+    """{id(row): the ids it proposes now} for the rows that speculate this step: a draft set, no forced
+    tokens queued, and room for the run in its max_tokens and in every row's cache (a step feeds all its
+    rows the same number of positions: rows without a run are padded, their extra positions dropped)."""
+    for row in rows:
+        row.drafted = (0, 0)  # (proposed, accepted) this step: serve.py's /metrics counts them
+    wanting = [r for r in rows if r.draft and not r.forced and r.beam is None and r.error is None]
+    if not wanting:
+        return {}
+    top = engine.cache.max_len - 1  # a full row slides back to here before it is fed (Engine._make_room)
+    room = top - max(min(n, top) for n in engine.cache.lengths[:len(engine.rows)])
+    runs = {}
+    for row in wanting:
+        k = min(row.draft_tokens, row.max_tokens - len(row.tokens) - 1, room)
+        if k > 0:
+            row.lookup = row.lookup or PromptLookup()
+            ids = row.lookup.propose(row.prompt + row.tokens, k)
+            if ids:
+                runs[id(row)] = ids
+    return runs
+
+
+def verify(engine, rows, logits, runs, draws):
+    """{id(row): (the tokens it takes, their logprobs entries, how many proposals it took)} for the speculating rows, from their logits
+    (n, width, vocab) at each fed position and their random draws (two a position), counting each token in
+    the engine's penalty tables as it goes; each row's cache then keeps the positions of the proposals it
+    took (the forward left width). A fault is retried row by row; the rows that still fail get row.error
+    and no entry."""
+    try:
+        out = _verify(engine, rows, logits, runs, draws)
+    except Exception:  # find the rows at fault
+        out = {}
+        for i, row in enumerate(rows):
+            try:
+                out.update(_verify(engine, [row], logits[i:i + 1], runs, draws))
+            except Exception as e:
+                row.error = e
+    for row in rows:
+        if id(row) in out:
+            tokens, _, accepted = out[id(row)]
+            engine.cache.lengths[engine.rows.index(row)] += len(tokens) - logits.size(1)
+            row.drafted = (len(runs[id(row)]), accepted)
+    return out
+
+
+def _verify(engine, rows, logits, runs, draws):
+    device = logits.device
+    taken, entries, counted, accepted = [[] for _ in rows], [[] for _ in rows], [], [0] * len(rows)
+    going = list(range(len(rows)))  # rows still taking: each position after one accepted proposal
+    try:
+        for j in range(logits.size(1)):
+            if not going:
+                break
+            part = [rows[i] for i in going]
+            slots = [engine.rows.index(r) for r in part]
+            x = engine.tables.adjust(part, torch.tensor(slots, device=device), logits[going, j], engine.vocab_size)
+            setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in part], device=device, dtype=dtype)  # noqa: E731
+            p = probabilities(x, setting('temperature', torch.float), setting('top_k', torch.long),
+                              setting('top_p', torch.float))
+            run = [runs[id(r)] for r in part]
+            proposed = torch.tensor([ids[j] if j < len(ids) else -1 for ids in run], device=device)
+            u = torch.tensor([draws[id(r)][2 * j:2 * j + 2] for r in part], device=device, dtype=torch.float)
+            at = proposed.clamp(min=0)[:, None]
+            accept = (proposed >= 0) & (u[:, 0] < p.gather(1, at)[:, 0])
+            rest = torch.where((proposed >= 0)[:, None], p.scatter(1, at, 0.0), p)  # a rejected x is not drawn again
+            tokens = torch.where(accept, proposed, draw(rest, u[:, 1])).tolist()
+            engine.tables.count(slots, tokens)
+            counted.append((slots, tokens))
+            wanted = [i for i, r in enumerate(part) if r.logprobs is not None]
+            if wanted:
+                found = logprobs_of(logits[[going[i] for i in wanted], j], torch.tensor([tokens[i] for i in wanted]),
+                                    max(part[i].logprobs for i in wanted), engine.vocab_size)
+                for i, (logprob, top) in zip(wanted, found):
+                    entries[going[i]].append((logprob, top[:part[i].logprobs]))
+            still = []
+            for i, row, token, ok in zip(going, part, tokens, accept.tolist()):
+                taken[i].append(token)
+                accepted[i] += ok
+                if ok and token not in row.stop_tokens and token not in row.pause_tokens:
+                    still.append(i)
+            going = still
+    except Exception:
+        for slots, tokens in reversed(counted):  # a retry counts them again
+            engine.tables.count(slots, tokens, by=-1)
+        raise
+    return {id(row): out for row, *out in zip(rows, taken, entries, accepted)}
