@@ -441,20 +441,14 @@ class Engine:
                  for r in sampling + speculating}
         tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part], 0],
                                                           [draws[id(r)][0] for r in part]), sampling)
-        taken = verify(self, speculating, logits[[rows.index(r) for r in speculating]], runs, draws)
-        chosen = {id(row): token for row, token in zip(sampling, tokens.tolist())}
-        done = [(row, chosen[id(row)] if id(row) in chosen else row.forced.popleft()) for row in live
-                if row.error is None and id(row) not in runs]
+        chosen = {id(row): [token] for row, token in zip(sampling, tokens.tolist())}
+        # a speculating row takes the proposals the model agrees with, then a token of the model's own
+        chosen.update(verify(self, speculating, logits[[rows.index(r) for r in speculating]], runs, draws))
+        done = [(row, token) for row in live if row.error is None for token in chosen.get(id(row)) or [row.forced.popleft()]]
         self.tables.count([self.rows.index(row) for row, _ in done], [token for _, token in done])
         for row, token in done:
             row.sampled.append(id(row) in chosen)
             self._append(row, token)
-        for row in speculating:  # proposals taken, then the model's own token (a stop token ends the run)
-            run, entries, _ = taken.get(id(row), ((), (), 0))
-            row.token_logprobs += entries
-            for token in run:
-                row.sampled.append(True)
-                self._append(row, token)
         for row in rows:
             if row.error is not None:
                 self.finish(row, 'error')

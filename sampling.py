@@ -48,9 +48,10 @@ class SlotTables:
             self.counts[slots] = self.counts[sources]
 
     def count(self, slots, tokens, by=1):
-        """Each slot has seen one more of its token (by=-1: one fewer, to take a count back)."""
+        """Each (slot, token) pair has been seen once more (by=-1: once fewer, to take a count back)."""
         if self.counts is not None and slots:
-            self.counts[slots, tokens] += by
+            index = (torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device))
+            self.counts.index_put_(index, torch.full((len(slots),), float(by), device=self.device), accumulate=True)
 
     def adjust(self, rows, slots, logits, vocab_size):
         """The logits (n, V) the sampler draws from: the rows' penalties and logit_bias applied, no NaN or

@@ -72,11 +72,10 @@ def plan(engine, rows):
 
 
 def verify(engine, rows, logits, runs, draws):
-    """{id(row): (the tokens it takes, their logprobs entries, how many proposals it took)} for the speculating rows, from their logits
-    (n, width, vocab) at each fed position and their random draws (two a position), counting each token in
-    the engine's penalty tables as it goes; each row's cache then keeps the positions of the proposals it
-    took (the forward left width). A fault is retried row by row; the rows that still fail get row.error
-    and no entry."""
+    """{id(row): the tokens it takes} for the speculating rows, from their logits (n, width, vocab) at each
+    fed position and their random draws (two a position); their logprobs entries go on the rows, and each
+    row's cache keeps the positions of the proposals it took (the forward left width). A fault is retried
+    row by row; the rows that still fail get row.error and no entry."""
     try:
         out = _verify(engine, rows, logits, runs, draws)
     except Exception:  # find the rows at fault
@@ -88,10 +87,11 @@ def verify(engine, rows, logits, runs, draws):
                 row.error = e
     for row in rows:
         if id(row) in out:
-            tokens, _, accepted = out[id(row)]
+            tokens, entries, accepted = out[id(row)]
             engine.cache.lengths[engine.rows.index(row)] += len(tokens) - logits.size(1)
+            row.token_logprobs += entries
             row.drafted = (len(runs[id(row)]), accepted)
-    return out
+    return {key: tokens for key, (tokens, _, _) in out.items()}
 
 
 def _verify(engine, rows, logits, runs, draws):
@@ -130,8 +130,7 @@ def _verify(engine, rows, logits, runs, draws):
                 if ok and token not in row.stop_tokens and token not in row.pause_tokens:
                     still.append(i)
             going = still
-    except Exception:
-        for slots, tokens in reversed(counted):  # a retry counts them again
+    finally:  # each position's penalties counted the tokens taken before it; the engine counts them for good
+        for slots, tokens in reversed(counted):
             engine.tables.count(slots, tokens, by=-1)
-        raise
     return {id(row): out for row, *out in zip(rows, taken, entries, accepted)}
