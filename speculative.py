@@ -25,11 +25,19 @@ DRAFTS = ('', 'ngram')  # '' is off
 
 
 class PromptLookup:
-    """One row's index of the n-grams (1 to 3 ids) of its context, grown as its tokens come."""
+    """One row's index of the n-grams (1 to 3 ids) of its context, grown as its tokens come. A run the model
+    refuses whole makes the row skip the next 1, 2, 4, ... 16 steps' lookups (one taken resets it): where
+    nothing repeats, a step then almost never pays for the extra positions."""
 
     def __init__(self):
         self.latest = {}  # n-gram -> the position just after its latest occurrence that something followed
         self.seen = 1  # positions 1..seen-1 are indexed (as the position after an n-gram)
+        self.misses, self.wait = 0, 0  # runs refused in a row; steps still to skip
+
+    def settle(self, accepted):
+        """After a run was checked: how many of its proposals the model took."""
+        self.misses = 0 if accepted else self.misses + 1
+        self.wait = 0 if accepted else min(2 ** (self.misses - 1), 16)
 
     def propose(self, context, k):
         """k ids (none when nothing matches): those that followed the latest earlier occurrence of the context's
@@ -63,8 +71,10 @@ def plan(engine, rows):
     runs = {}
     for row in wanting:
         k = min(row.draft_tokens, row.max_tokens - len(row.tokens) - 1, room)
-        if k > 0:
-            row.lookup = row.lookup or PromptLookup()
+        row.lookup = row.lookup or PromptLookup()
+        if row.lookup.wait:
+            row.lookup.wait -= 1
+        elif k > 0:
             ids = row.lookup.propose(row.prompt + row.tokens, k)
             if ids:
                 runs[id(row)] = ids
@@ -91,6 +101,7 @@ def verify(engine, rows, logits, runs, draws):
             engine.cache.lengths[engine.rows.index(row)] += len(tokens) - logits.size(1)
             row.token_logprobs += entries
             row.drafted = (len(runs[id(row)]), accepted)
+            row.lookup.settle(accepted)
     return {key: tokens for key, (tokens, _, _) in out.items()}
 
 

@@ -174,7 +174,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
     progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     if num_beams > 1:
-        kept = {k: v for k, v in settings.items() if k in BEAM_SETTINGS}
+        kept = {k: v for k, v in settings.items() if k in BEAM_SETTINGS + ('draft',)}  # beam_rows refuses a draft
         beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer), stop_key(tokenizer, stop), **kept)
                  for p in ids]
         rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best

@@ -44,12 +44,14 @@ class Worker:
     rows, join the running batch between two steps and leave it when they end; a model load swaps the
     engine between steps. The engine's rows carry their request: row.request, row.choice and row.text
     (its TextStream). max_batch_size rows decode together, max_tokens_limit is the longest reply,
-    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own."""
+    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own; draft: the
+    speculative decoding of requests that name none ({'draft': 'ngram', 'draft_tokens': 4}; None: off)."""
 
     def __init__(self, loaded, max_batch_size=8, max_tokens_limit=1024, max_waiting=256, seed=1337,
-                 prefix_cache_tokens=0, metrics=None):
+                 prefix_cache_tokens=0, metrics=None, draft=None):
         self.max_batch_size, self.max_tokens_limit, self.max_waiting = max_batch_size, max_tokens_limit, max_waiting
         self.seed, self.prefix_cache_tokens, self.metrics = seed, prefix_cache_tokens, metrics or Metrics()
+        self.draft = draft or {}  # the requests' default speculative decoding (serving/api.py's read_request)
         self.cond = threading.Condition()  # guards waiting, pending_load and closing
         self.waiting = deque()  # (request, prompt index)
         self.pending_load, self.closing = None, False
