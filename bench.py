@@ -26,6 +26,8 @@ ours in float32 and with int8 Linears join the table to pair with them).
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
 $ python bench.py --mode=sample --compare_hf=True --compare_llamacpp=True --compare_uncached=False --repeats=3
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
+$ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char --batch_sizes=[1] \
+    --draft=ngram --prompt=FILE:prompt.txt --temperature=0   # speculative decoding against plain, same prompt
 """
 import atexit
 import contextlib
@@ -89,6 +91,9 @@ quantize = ''  # 'int8': our model with int8 Linears, as sample.py --quantize=in
 packed = True  # on a CPU our Linears' weights in oneDNN's packed layout, as sample.py and serve.py run; False: nn.Linear
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
+prompt = ''  # '': prompt_tokens random ids; else this text ("FILE:path" reads a file), every row the same
+draft = ''  # 'ngram': ours with speculative decoding joins the table beside ours without (docs/speculative.md)
+draft_tokens = 4
 # -----------------------------------------------------------------------------
 configure(globals())
 # -----------------------------------------------------------------------------
@@ -339,19 +344,31 @@ def hf_twin(model):
     return hf
 
 
-def run_ours(model, prompts, n_new, generator):
+DRAFTED = [0, 0]  # draft tokens proposed and accepted in the timed runs
+
+
+def run_ours(model, prompts, n_new, generator, draft=''):
     """Times of: the call, and each new token's arrival, for the engine (made inside the timing,
-    as sample.py makes it for every batch)."""
+    as sample.py makes it for every batch). A speculative step brings several: the k-th token has
+    arrived when every row has k."""
     t0 = now()
     engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1))
-    rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i)
-            for i, p in enumerate(prompts.tolist())]
+    rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i, draft=draft,
+                draft_tokens=draft_tokens) for i, p in enumerate(prompts.tolist())]
     engine.add(rows)
     times = []
     while engine.rows:
         engine.step()
-        times.append(now())
+        t = now()
+        times += [t] * (min(len(row.tokens) for row in rows) - len(times))
+        if n_new > 4:  # not the warm-up's
+            DRAFTED[0] += sum(row.drafted[0] for row in rows)
+            DRAFTED[1] += sum(row.drafted[1] for row in rows)
     return t0, times
+
+
+def run_ours_draft(model, prompts, n_new, generator):
+    return run_ours(model, prompts, n_new, generator, draft)
 
 
 def run_uncached(model, prompts, n_new, generator):
@@ -436,8 +453,13 @@ def run_llamacpp(llm, prompts, n_new, generator):
 
 
 def bench_sample():
-    if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
-        fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    global prompt_tokens
+    if temperature < 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
+        fail("sample mode needs temperature >= 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    if temperature == 0 and (compare_hf or compare_llamacpp or compare_uncached):
+        fail("temperature 0 (greedy) times ours only: set compare_uncached=False (and no compare_hf, compare_llamacpp)")
+    if draft not in ('', 'ngram') or not 1 <= draft_tokens <= 64:
+        fail(f"draft must be '' or 'ngram' and draft_tokens 1 to 64, not {draft!r} and {draft_tokens}")
     # `source`: the model's weights in ptdtype in plain Linears, which every implementation is made from
     if init_from == 'scratch':
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -446,15 +468,30 @@ def bench_sample():
     else:
         from textgen import load_model
         try:
-            source, _, _ = load_model(init_from, out_dir, device, dtype, pack=False)
+            source, tokenizer, _ = load_model(init_from, out_dir, device, dtype, pack=False)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
+    text = prompt
+    if text:
+        if init_from == 'scratch':
+            from tokenizer import gpt2_tokenizer
+            tokenizer = gpt2_tokenizer()
+        try:
+            if text.startswith('FILE:'):
+                with open(text[5:], encoding='utf-8') as f:
+                    text = f.read()
+            ids = tokenizer.encode(text)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            fail(f"prompt: {e}")
+        prompt_tokens = len(ids)
     cfg = source.config
     try:
         model = twin(source, ptdtype, quantize)
     except ValueError as e:  # a quantize it does not know
         fail(str(e))
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
+    if draft:
+        impls.append((f"ours {dtype}{' int8' if quantize else ''} draft={draft}", run_ours_draft, model))
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
             fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")
@@ -480,6 +517,8 @@ def bench_sample():
     # the same random prompts for every implementation: row i of batch B is row i of the largest batch
     g = torch.Generator().manual_seed(seed)
     all_prompts = torch.randint(cfg.vocab_size, (max(batch_sizes), prompt_tokens), generator=g).to(device)
+    if text:
+        all_prompts = torch.tensor([ids] * max(batch_sizes), device=device)
     rows = []
     with torch.inference_mode():
         for B in batch_sizes:
@@ -509,6 +548,12 @@ def bench_sample():
         print(f"{name:<28} {B:>5} {p:>14,.1f} {d:>13,.1f} {ours[B] / d:>9.2f}x")
     print("ours/this: our decode tok/s over this row's (above 1: ours is faster); decode tok/s = batch * "
           "(new tokens - 1) / time from the first new token to the last")
+    if draft:
+        print(f"draft={draft}: {DRAFTED[1]:,} of {DRAFTED[0]:,} proposed tokens accepted "
+              f"({DRAFTED[1] / max(DRAFTED[0], 1):.0%}) in the timed runs")
+        speed = {(name, B): d for name, B, _, d in rows}
+        for B in batch_sizes:
+            print(f"{impls[1][0]} / {impls[0][0]}, batch {B}: {speed[impls[1][0], B] / speed[impls[0][0], B]:.2f}x decode")
     decode = {(name, B): d for name, B, _, d in rows}
     pairs = [('ours float32', 'llama.cpp f32', None), (f'ours {dtype}', 'llama.cpp f16', 0.8),
              (f'ours {dtype} int8', 'llama.cpp q8_0', 0.8)]

@@ -19,7 +19,7 @@ tokens taken before it, as one token a step would.
 """
 import torch
 
-from sampling import draw, logprobs_of, probabilities
+from sampling import MIN_TEMPERATURE, draw, logprobs_of, probabilities
 
 DRAFTS = ('', 'ngram')  # '' is off
 
@@ -116,16 +116,20 @@ def _verify(engine, rows, logits, runs, draws):
             part = [rows[i] for i in going]
             slots = [engine.rows.index(r) for r in part]
             x = engine.tables.adjust(part, torch.tensor(slots, device=device), logits[going, j], engine.vocab_size)
-            setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in part], device=device, dtype=dtype)  # noqa: E731
-            p = probabilities(x, setting('temperature', torch.float), setting('top_k', torch.long),
-                              setting('top_p', torch.float))
             run = [runs[id(r)] for r in part]
             proposed = torch.tensor([ids[j] if j < len(ids) else -1 for ids in run], device=device)
-            u = torch.tensor([draws[id(r)][2 * j:2 * j + 2] for r in part], device=device, dtype=torch.float)
-            at = proposed.clamp(min=0)[:, None]
-            accept = (proposed >= 0) & (u[:, 0] < p.gather(1, at)[:, 0])
-            rest = torch.where((proposed >= 0)[:, None], p.scatter(1, at, 0.0), p)  # a rejected x is not drawn again
-            tokens = torch.where(accept, proposed, draw(rest, u[:, 1])).tolist()
+            if all(r.temperature < MIN_TEMPERATURE for r in part):  # greedy: the argmax, taken or not
+                best = x.argmax(-1)
+                accept, tokens = proposed == best, best.tolist()
+            else:
+                setting = lambda name, dtype: torch.tensor([getattr(r, name) for r in part], device=device, dtype=dtype)  # noqa: E731
+                p = probabilities(x, setting('temperature', torch.float), setting('top_k', torch.long),
+                                  setting('top_p', torch.float))
+                u = torch.tensor([draws[id(r)][2 * j:2 * j + 2] for r in part], device=device, dtype=torch.float)
+                at = proposed.clamp(min=0)[:, None]
+                accept = (proposed >= 0) & (u[:, 0] < p.gather(1, at)[:, 0])
+                rest = torch.where((proposed >= 0)[:, None], p.scatter(1, at, 0.0), p)  # a refused x is not drawn again
+                tokens = torch.where(accept, proposed, draw(rest, u[:, 1])).tolist()
             engine.tables.count(slots, tokens)
             counted.append((slots, tokens))
             wanted = [i for i, r in enumerate(part) if r.logprobs is not None]
