@@ -86,7 +86,8 @@ class Row:
     forced: ids the caller queues for the next steps to feed instead of sampling (a calculator's
     output); they join tokens like any other but are not the model's choice: sampled is False for
     them and they get no logprobs entry.
-    draft: '' (off) or 'ngram': speculative decoding (speculative.py), up to draft_tokens proposals checked
+    draft: '' (off), 'ngram' or 'model' (the engine's draft_model): speculative decoding (speculative.py), up to
+    draft_tokens proposals checked
     in each step's forward, so a step may add several tokens (row.stepped says how many). pause_tokens: ids
     after which a step adds no more (the caller acts on them: a calculator call ends there)."""
 
@@ -134,7 +135,7 @@ class Row:
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.kv_start = 0  # the cache holds (prompt + tokens)[kv_start:]: > 0 once cropped or slid
         self.prefilled = 0  # its first positions computed in whole prefill chunks: what may be reused
-        self.draft, self.draft_tokens, self.lookup = draft, draft_tokens, None  # lookup: its PromptLookup
+        self.draft, self.draft_tokens, self.proposer = draft, draft_tokens, None  # proposer: speculative.py's, made at its first step
         self.pause_tokens = set()
         self.stepped = 0  # tokens the last step added
         self.drafted = (0, 0)  # proposals the last step checked, and how many of them it took
@@ -311,7 +312,7 @@ class Engine:
     their rounding differs enough to flip a near-tie later on."""
 
     def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None,
-                 prefix_cache_tokens=0, prefill_chunk=64):
+                 prefix_cache_tokens=0, prefill_chunk=64, draft_model=None):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
         weight = model.transformer.wte.weight  # the model's float dtype even when its Linears are int8
@@ -334,6 +335,8 @@ class Engine:
         self.tables = SlotTables(max_rows, cfg.vocab_size, self.device)  # penalties, logit_bias, grammars
         self.prefill_chunk = prefill_chunk
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        # rows with draft='model': the draft model and a KV cache of its own for each (speculative.ModelDraft)
+        self.draft = draft_model and (draft_model, lambda: KVCache(draft_model.config, 1, max_len, self.device, cache_dtype))
 
     # --- joining and leaving ---
 
@@ -350,6 +353,8 @@ class Engine:
             if bad:
                 raise SettingError('prompt' if bad[0] in row.prompt else 'logit_bias',
                                    f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
+            if row.draft == 'model' and not self.draft:
+                raise SettingError('draft', "'draft' is 'model' but no draft model is loaded (draft=<its out_dir>)")
             if not 1 <= row.max_tokens <= self.max_new_tokens:  # a row always generates its first token
                 raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; it must be 1 to {self.max_new_tokens}")
             if self.window < self.model.config.block_size and len(row.prompt) > self.window:

@@ -6,9 +6,10 @@ one token of the model's own, and the engine takes the cache back to what was ke
 bound by reading the weights, so K+1 positions cost about what one does: every accepted proposal is a
 token for free.
 
-The proposer: 'ngram' (prompt lookup): the most recent earlier occurrence of the context's last 3 tokens
+The proposers: 'ngram' (prompt lookup): the most recent earlier occurrence of the context's last 3 tokens
 (else 2, else 1) proposes the tokens that followed it. No second model; it pays where the answer repeats
-its context (quoting, editing, continuing a list).
+its context (quoting, editing, continuing a list). 'model': a smaller model with the same tokenizer (the
+engine's draft_model) proposes its greedy continuation, K steps of its own per step of the model's.
 
 Checking keeps the model's distribution. A greedy row takes a proposal while it is the argmax. A sampled
 row takes proposal x with probability p(x), p being the distribution plain sampling draws from (after the
@@ -21,23 +22,55 @@ import torch
 
 from sampling import MIN_TEMPERATURE, draw, logprobs_of, probabilities
 
-DRAFTS = ('', 'ngram')  # '' is off
+DRAFTS = ('', 'ngram', 'model')  # '' is off; 'model': the engine's draft model
 
 
-class PromptLookup:
-    """One row's index of the n-grams (1 to 3 ids) of its context, grown as its tokens come. A run the model
-    refuses whole makes the row skip the next 1, 2, 4, ... 16 steps' lookups (one taken resets it): where
-    nothing repeats, a step then almost never pays for the extra positions."""
-
-    def __init__(self):
-        self.latest = {}  # n-gram -> the position just after its latest occurrence that something followed
-        self.seen = 1  # positions 1..seen-1 are indexed (as the position after an n-gram)
-        self.misses, self.wait = 0, 0  # runs refused in a row; steps still to skip
+class Proposer:
+    """A row's proposer. A run the model refuses whole makes the row skip the next 1, 2, 4, ... 16 steps'
+    proposals (one taken resets it): where nothing is guessed right, a step then almost never pays for the
+    extra positions (or the draft model's steps)."""
+    misses = wait = 0  # runs refused in a row; steps still to skip
 
     def settle(self, accepted):
         """After a run was checked: how many of its proposals the model took."""
         self.misses = 0 if accepted else self.misses + 1
         self.wait = 0 if accepted else min(2 ** (self.misses - 1), 16)
+
+
+class ModelDraft(Proposer):
+    """A smaller model with the same tokenizer proposes its greedy continuation (a deterministic proposer:
+    verify's rule stays exact). It keeps the row's keys and values in a cache of its own, taken back each
+    step to what the row's context still shares with what it held."""
+
+    def __init__(self, model, cache, vocab_size):
+        self.model, self.cache, self.vocab_size = model, cache, vocab_size
+        self.held = []  # the ids whose keys and values the cache holds, at positions 0, 1, ...
+
+    def propose(self, context, k):
+        cfg = self.model.config
+        room = (min(self.cache.max_len, cfg.block_size) if cfg.learned_positions else self.cache.max_len) - k
+        if len(context) > room:  # past the draft's cache: a window of the latest tokens, prefilled afresh
+            context, self.held = context[-(room // 2):], []
+        n = 0
+        while n < min(len(self.held), len(context) - 1) and self.held[n] == context[n]:
+            n += 1
+        self.cache.lengths = [n]
+        feed, out = context[n:], []
+        with torch.inference_mode():
+            for _ in range(k):
+                x = self.model.hidden_states(torch.tensor([feed], device=self.cache.k[0].device), cache=self.cache)
+                feed = [int(self.model.logits(x[0, -1])[:self.vocab_size].argmax())]
+                out += feed
+        self.held = context + out[:-1]
+        return out
+
+
+class PromptLookup(Proposer):
+    """One row's index of the n-grams (1 to 3 ids) of its context, grown as its tokens come."""
+
+    def __init__(self):
+        self.latest = {}  # n-gram -> the position just after its latest occurrence that something followed
+        self.seen = 1  # positions 1..seen-1 are indexed (as the position after an n-gram)
 
     def propose(self, context, k):
         """k ids (none when nothing matches): those that followed the latest earlier occurrence of the context's
@@ -71,11 +104,13 @@ def plan(engine, rows):
     runs = {}
     for row in wanting:
         k = min(row.draft_tokens, row.max_tokens - len(row.tokens) - 1, room)
-        row.lookup = row.lookup or PromptLookup()
-        if row.lookup.wait:
-            row.lookup.wait -= 1
+        if row.proposer is None:
+            model, cache = engine.draft or (None, None)
+            row.proposer = PromptLookup() if row.draft == 'ngram' else ModelDraft(model, cache(), engine.vocab_size)
+        if row.proposer.wait:
+            row.proposer.wait -= 1
         elif k > 0:
-            ids = row.lookup.propose(row.prompt + row.tokens, k)
+            ids = row.proposer.propose(row.prompt + row.tokens, k)
             if ids:
                 runs[id(row)] = ids
     return runs
@@ -101,7 +136,7 @@ def verify(engine, rows, logits, runs, draws):
             engine.cache.lengths[engine.rows.index(row)] += len(tokens) - logits.size(1)
             row.token_logprobs += entries
             row.drafted = (len(runs[id(row)]), accepted)
-            row.lookup.settle(accepted)
+            row.proposer.settle(accepted)
     return {key: tokens for key, (tokens, _, _) in out.items()}
 
 

@@ -45,6 +45,17 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
     return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
 
 
+def load_draft(source, tokenizer, device='cpu', dtype='float32', quantize=''):
+    """A draft model for speculative decoding (Row's draft='model'): an out_dir with a checkpoint, or what
+    load_model's init_from takes, which must have the model's tokenizer. ValueError when it does not."""
+    resume = os.path.exists(os.path.join(source, 'ckpt.pt'))
+    model, draft_tokenizer, _ = load_model('resume' if resume else source, source, device, dtype, quantize)
+    probe = "Speculative decoding: the same tokens, 123 ok?\n"
+    if draft_tokenizer.n_vocab != tokenizer.n_vocab or draft_tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise ValueError(f"the draft model {source} has another tokenizer than the model's: it cannot propose its tokens")
+    return model
+
+
 class TextStream:
     """Turns one sample's tokens into text as they arrive. A BPE token can end in the middle
     of a UTF-8 character, so bytes are decoded incrementally and a partial character waits
@@ -163,14 +174,14 @@ BEAM_SETTINGS = ('repetition_penalty', 'presence_penalty', 'frequency_penalty', 
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
-                  tools=True, keep=None, **settings):
+                  tools=True, keep=None, draft_model=None, **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
     each prompt's best beam instead, its text whole at the end: the search is greedy (temperature, top_k and
     top_p do not apply), the penalties, logit_bias and stop strings do.
     tools: answer the model's calculator calls. keep: a list that receives the engine rows (their tokens, and
-    which of them were sampled).
+    which of them were sampled). draft_model: the model of rows with draft='model' (load_draft).
     progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     if num_beams > 1:
@@ -182,7 +193,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
         rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,
                             stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(ids)]
     engine = Engine(model, len(every), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
-                    longest_prompt=max(len(row.prompt) for row in rows))
+                    longest_prompt=max(len(row.prompt) for row in rows), draft_model=draft_model)
     index = {id(row): i for i, row in enumerate(rows)}
     if keep is not None:
         keep.extend(rows)

@@ -13,14 +13,18 @@ from collections import deque
 from engine import Engine, SettingError
 from serving.api import WORKER_STOPPED, APIError, server_error
 from serving.metrics import Metrics
-from textgen import decode_step, load_model, start_reply
+from textgen import decode_step, load_draft, load_model, start_reply
 
 
 class Loaded:
-    """A model with its tokenizer and where it came from. A reload replaces the whole object."""
+    """A model with its tokenizer and where it came from, and the speculative decoding of requests that name
+    none (draft: '', 'ngram', or a draft model's out_dir, loaded here: draft is then 'model'). A reload
+    replaces the whole object."""
 
-    def __init__(self, init_from, out_dir, device, dtype, quantize=''):
+    def __init__(self, init_from, out_dir, device, dtype, quantize='', draft=''):
         self.model, self.tokenizer, self.info = load_model(init_from, out_dir, device, dtype, quantize)
+        self.draft_model = load_draft(draft, self.tokenizer, device, dtype, quantize) if draft not in ('', 'ngram') else None
+        self.draft = 'model' if self.draft_model else draft
         self.init_from, self.out_dir, self.created = init_from, out_dir, int(time.time())
         self.device, self.dtype, self.quantize = device, dtype, quantize
         self.name = os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
@@ -44,14 +48,14 @@ class Worker:
     rows, join the running batch between two steps and leave it when they end; a model load swaps the
     engine between steps. The engine's rows carry their request: row.request, row.choice and row.text
     (its TextStream). max_batch_size rows decode together, max_tokens_limit is the longest reply,
-    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own; draft: the
-    speculative decoding of requests that name none ({'draft': 'ngram', 'draft_tokens': 4}; None: off)."""
+    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own; draft_tokens:
+    the tokens a draft proposes per step, for requests that name no draft (the draft is the Loaded's)."""
 
     def __init__(self, loaded, max_batch_size=8, max_tokens_limit=1024, max_waiting=256, seed=1337,
-                 prefix_cache_tokens=0, metrics=None, draft=None):
+                 prefix_cache_tokens=0, metrics=None, draft_tokens=4):
         self.max_batch_size, self.max_tokens_limit, self.max_waiting = max_batch_size, max_tokens_limit, max_waiting
         self.seed, self.prefix_cache_tokens, self.metrics = seed, prefix_cache_tokens, metrics or Metrics()
-        self.draft = draft or {}  # the requests' default speculative decoding (serving/api.py's read_request)
+        self.draft_tokens = draft_tokens
         self.cond = threading.Condition()  # guards waiting, pending_load and closing
         self.waiting = deque()  # (request, prompt index)
         self.pending_load, self.closing = None, False
@@ -63,8 +67,13 @@ class Worker:
 
     def use(self, loaded):
         engine = Engine(loaded.model, self.max_batch_size, self.max_tokens_limit, loaded.tokenizer.n_vocab, self.seed,
-                        prefix_cache_tokens=self.prefix_cache_tokens)
+                        prefix_cache_tokens=self.prefix_cache_tokens, draft_model=loaded.draft_model)
         self.loaded, self.engine = loaded, engine
+
+    @property
+    def draft(self):
+        """The speculative decoding of requests that name none (serving/api.py's read_request)."""
+        return dict(draft=self.loaded.draft, draft_tokens=self.draft_tokens)
 
     def submit(self, request=None, load=None):
         """Queue a request (from an HTTP thread), or with load=(Loaded, Event) switch models."""

@@ -30,8 +30,8 @@ def tiny(arch='learned', vocab=50, block=64, seed=0, sharpen=1.0):
     return model
 
 
-def run(model, rows, max_rows=None, max_new=40):
-    engine = Engine(model, max_rows or len(rows), max_new)
+def run(model, rows, max_rows=None, max_new=40, draft_model=None):
+    engine = Engine(model, max_rows or len(rows), max_new, draft_model=draft_model)
     engine.add(rows)
     steps = proposed = accepted = 0
     while engine.rows:
@@ -51,6 +51,28 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     grow = PromptLookup()
     assert grow.propose([1, 2, 1], 2) == [2, 1]
     assert grow.propose([1, 2, 1, 2, 9, 1, 2], 2) == [9, 1]  # the index grows with the context
+
+
+def test_refused_runs_back_the_lookups_off():
+    """Where nothing is taken a row skips 1, 2, 4, 8, 16, 16 steps' lookups: few steps pay for extra positions."""
+    lookup = PromptLookup()
+    waits = []
+    for _ in range(6):
+        lookup.settle(0)
+        waits.append(lookup.wait)
+    assert waits == [1, 2, 4, 8, 16, 16]
+    lookup.settle(2)
+    assert lookup.wait == 0 and lookup.misses == 0
+    model = tiny()  # a flat distribution over 50 tokens: a proposal is mostly refused
+    row = Row([7, 3, 7, 5, 7, 9, 7, 11], 40, temperature=1.0, seed=0, draft='ngram', draft_tokens=4)
+    engine = Engine(model, 1, 40)
+    engine.add([row])
+    speculated = []
+    while engine.rows:
+        engine.step()
+        speculated.append(row.drafted)
+    refused = [i for i, (p, a) in enumerate(speculated) if p and not a]
+    assert refused and all(speculated[i + 1][0] == 0 for i in refused if i + 1 < len(speculated))
 
 
 @pytest.mark.parametrize('arch', list(ARCHS))
@@ -106,9 +128,10 @@ def exact_pairs(model, context, vocab, temperature, top_k, top_p, rep, bias):
         return torch.stack([first[a] * dist(context + [a]) for a in range(vocab)])  # (vocab, vocab)
 
 
+@pytest.mark.parametrize('draft', ['ngram', 'model'])
 @pytest.mark.parametrize('settings', [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9,
                                                                  repetition_penalty=1.5, logit_bias={2: 1.5})])
-def test_sampled_tokens_keep_the_model_distribution(settings):
+def test_sampled_tokens_keep_the_model_distribution(settings, draft):
     """6000 samples of the next two tokens with the lookup proposing one (taken or refused): their frequencies
     against the exact probabilities, chi-square; the same frequencies fail against a rule that always takes
     the proposal, so the test can tell."""
@@ -122,8 +145,8 @@ def test_sampled_tokens_keep_the_model_distribution(settings):
     counts = torch.zeros(vocab, vocab)
     proposed = accepted = 0
     for batch in range(60):
-        rows = [Row(context, 2, seed=batch * 100 + i, draft='ngram', **settings) for i in range(100)]
-        _, p, a = run(model, rows, max_new=2)
+        rows = [Row(context, 2, seed=batch * 100 + i, draft=draft, **settings) for i in range(100)]
+        _, p, a = run(model, rows, max_new=2, draft_model=model)  # the model as its own draft proposes its argmax
         proposed, accepted = proposed + p, accepted + a
         for row in rows:
             counts[row.tokens[0], row.tokens[1]] += 1
@@ -143,6 +166,38 @@ def test_sampled_tokens_keep_the_model_distribution(settings):
     wrong[4] = exact[4] / p4 * (p4 + (1 - p4) * p4)
     stat, cells = chi2(wrong)
     assert stat > 3 * (cells + 5 * (2 * cells) ** 0.5), stat
+
+
+def untied(model, seed):
+    """The model with an output layer of its own: a random model with tied weights only repeats its input."""
+    torch.manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_a_draft_model_changes_no_greedy_token(arch):
+    """A smaller model (another architecture, rotary) proposes: the tokens are plain decoding's, some taken;
+    the model as its own draft has every proposal taken (without penalties, which the draft does not apply)."""
+    model, rng = untied(tiny(arch), 1), random.Random(arch)
+    small = untied(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50, dropout=0.0,
+                                 use_rope=True)).eval(), 2)
+    proposed = accepted = 0
+    for _ in range(8):
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, 20))]
+        plain = Row(prompt, 30, temperature=0, repetition_penalty=rng.choice([1.0, 1.3]))
+        run(model, [plain])
+        for draft_model in (small, model):
+            row = Row(prompt, 30, temperature=0, repetition_penalty=plain.penalties[0], draft='model', draft_tokens=3)
+            _, p, a = run(model, [row, Row(prompt, 30, temperature=0)], draft_model=draft_model)
+            assert row.tokens == plain.tokens
+            if draft_model is model and not row.uses_penalties:  # (the draft knows no penalties)
+                assert a == p >= 20  # 3 taken a step: 30 tokens in 8 steps
+            else:
+                proposed, accepted = proposed + p, accepted + a
+    assert 0 < accepted < proposed
+    with pytest.raises(SettingError, match='no draft model'):
+        Engine(model, 1, 8).add([Row([1], 4, draft='model')])
 
 
 def test_the_cache_keeps_only_accepted_tokens():
@@ -202,6 +257,23 @@ def test_stop_strings_and_calculator_calls_with_a_draft(caller, bpe):  # noqa: F
             outs.append((text, rows[0].tokens, rows[0].sampled))
         assert outs[0] == outs[1], stop
     assert outs[0][0].startswith('<|python_start|>12*3<|python_end|><|output_start|>36')
+
+
+def test_sample_py_with_a_draft_model(caller, bpe, monkeypatch, capsys):  # noqa: F811
+    """sample.py --draft=<out_dir>: a smaller model with the same tokenizer proposes, the reply is the same; a
+    draft with another tokenizer is a one-line error."""
+    from test_tools import run_main
+    from textgen import load_draft
+    from tokenizer import tokenizer_from_meta, train_bpe
+    args = [f'--out_dir={caller / "sft"}', '--chat=True', '--temperature=0', '--device=cpu', '--max_new_tokens=30']
+    reply = lambda *more: run_main(monkeypatch, capsys, 'sample.py', *args, *more, stdin='What is 12 * 3?\n').split('> ')[1]  # noqa: E731
+    plain = reply()
+    assert plain.startswith('<|python_start|>12*3<|python_end|><|output_start|>36')
+    for draft in ('ngram', caller / 'random', caller / 'sft'):
+        assert reply(f'--draft={draft}') == plain
+    other = tokenizer_from_meta(train_bpe(["something else entirely, 12345\n" * 20], 280))
+    with pytest.raises(ValueError, match='another tokenizer'):
+        load_draft(str(caller / 'random'), other)
 
 
 def test_a_stop_string_inside_an_accepted_run(bpe):  # noqa: F811
