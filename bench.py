@@ -452,14 +452,41 @@ def run_llamacpp(llm, prompts, n_new, generator):
     return t0, times
 
 
-def bench_sample():
-    global prompt_tokens
+def prompt_ids(tokenizer):
+    """The ids of the prompt setting (its text, or a file's with FILE:path); GPT-2's tokenizer for random weights."""
+    if tokenizer is None:
+        from tokenizer import gpt2_tokenizer
+        tokenizer = gpt2_tokenizer()
+    text = prompt
+    try:
+        if text.startswith('FILE:'):
+            with open(text[5:], encoding='utf-8') as f:
+                text = f.read()
+        return tokenizer.encode(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        fail(f"prompt: {e}")
+
+
+def report_draft(rows, plain, drafted):
+    print(f"draft={draft}: {DRAFTED[1]:,} of {DRAFTED[0]:,} proposed tokens accepted "
+          f"({DRAFTED[1] / max(DRAFTED[0], 1):.0%}) in the timed runs")
+    speed = {(name, B): d for name, B, _, d in rows}
+    for B in batch_sizes:
+        print(f"{drafted} / {plain}, batch {B}: {speed[drafted, B] / speed[plain, B]:.2f}x decode")
+
+
+def check_sample_settings():
     if temperature < 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
         fail("sample mode needs temperature >= 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
     if temperature == 0 and (compare_hf or compare_llamacpp or compare_uncached):
         fail("temperature 0 (greedy) times ours only: set compare_uncached=False (and no compare_hf, compare_llamacpp)")
     if draft not in ('', 'ngram') or not 1 <= draft_tokens <= 64:
         fail(f"draft must be '' or 'ngram' and draft_tokens 1 to 64, not {draft!r} and {draft_tokens}")
+
+
+def bench_sample():
+    global prompt_tokens
+    check_sample_settings()
     # `source`: the model's weights in ptdtype in plain Linears, which every implementation is made from
     if init_from == 'scratch':
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -471,27 +498,15 @@ def bench_sample():
             source, tokenizer, _ = load_model(init_from, out_dir, device, dtype, pack=False)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
-    text = prompt
-    if text:
-        if init_from == 'scratch':
-            from tokenizer import gpt2_tokenizer
-            tokenizer = gpt2_tokenizer()
-        try:
-            if text.startswith('FILE:'):
-                with open(text[5:], encoding='utf-8') as f:
-                    text = f.read()
-            ids = tokenizer.encode(text)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            fail(f"prompt: {e}")
-        prompt_tokens = len(ids)
+    ids = prompt_ids(tokenizer if init_from != 'scratch' else None) if prompt else None
+    prompt_tokens = len(ids) if ids else prompt_tokens
     cfg = source.config
     try:
         model = twin(source, ptdtype, quantize)
     except ValueError as e:  # a quantize it does not know
         fail(str(e))
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
-    if draft:
-        impls.append((f"ours {dtype}{' int8' if quantize else ''} draft={draft}", run_ours_draft, model))
+    impls += [(f"{impls[0][0]} draft={draft}", run_ours_draft, model)] if draft else []
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
             fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")
@@ -517,7 +532,7 @@ def bench_sample():
     # the same random prompts for every implementation: row i of batch B is row i of the largest batch
     g = torch.Generator().manual_seed(seed)
     all_prompts = torch.randint(cfg.vocab_size, (max(batch_sizes), prompt_tokens), generator=g).to(device)
-    if text:
+    if ids:
         all_prompts = torch.tensor([ids] * max(batch_sizes), device=device)
     rows = []
     with torch.inference_mode():
@@ -549,11 +564,7 @@ def bench_sample():
     print("ours/this: our decode tok/s over this row's (above 1: ours is faster); decode tok/s = batch * "
           "(new tokens - 1) / time from the first new token to the last")
     if draft:
-        print(f"draft={draft}: {DRAFTED[1]:,} of {DRAFTED[0]:,} proposed tokens accepted "
-              f"({DRAFTED[1] / max(DRAFTED[0], 1):.0%}) in the timed runs")
-        speed = {(name, B): d for name, B, _, d in rows}
-        for B in batch_sizes:
-            print(f"{impls[1][0]} / {impls[0][0]}, batch {B}: {speed[impls[1][0], B] / speed[impls[0][0], B]:.2f}x decode")
+        report_draft(rows, impls[0][0], impls[1][0])
     decode = {(name, B): d for name, B, _, d in rows}
     pairs = [('ours float32', 'llama.cpp f32', None), (f'ours {dtype}', 'llama.cpp f16', 0.8),
              (f'ours {dtype} int8', 'llama.cpp q8_0', 0.8)]
