@@ -308,6 +308,6 @@ def test_draft_is_refused_with_grammars_and_beams_and_checked():
     assert e.value.name == 'draft' and 'response_format' in str(e.value)
     with pytest.raises(SettingError, match='beam'):
         beam_rows([1, 2], 2, 4, draft='ngram')
-    for bad in (dict(draft='model'), dict(draft='ngram', draft_tokens=0), dict(draft='ngram', draft_tokens=True)):
+    for bad in (dict(draft='out-small'), dict(draft='ngram', draft_tokens=0), dict(draft='ngram', draft_tokens=True)):
         with pytest.raises(SettingError):
             Row([1, 2], 4, **bad)
