@@ -92,7 +92,8 @@ packed = True  # on a CPU our Linears' weights in oneDNN's packed layout, as sam
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
 prompt = ''  # '': prompt_tokens random ids; else this text ("FILE:path" reads a file), every row the same
-draft = ''  # 'ngram': ours with speculative decoding joins the table beside ours without (docs/speculative.md)
+draft = ''  # 'ngram' or a draft model's out_dir: ours with speculative decoding joins the table beside ours without
+# (docs/speculative.md)
 draft_tokens = 4
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -347,12 +348,12 @@ def hf_twin(model):
 DRAFTED = [0, 0]  # draft tokens proposed and accepted in the timed runs
 
 
-def run_ours(model, prompts, n_new, generator, draft=''):
+def run_ours(model, prompts, n_new, generator, draft='', draft_model=None):
     """Times of: the call, and each new token's arrival, for the engine (made inside the timing,
     as sample.py makes it for every batch). A speculative step brings several: the k-th token has
     arrived when every row has k."""
     t0 = now()
-    engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1))
+    engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1), draft_model=draft_model)
     rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i, draft=draft,
                 draft_tokens=draft_tokens) for i, p in enumerate(prompts.tolist())]
     engine.add(rows)
@@ -367,8 +368,19 @@ def run_ours(model, prompts, n_new, generator, draft=''):
     return t0, times
 
 
-def run_ours_draft(model, prompts, n_new, generator):
-    return run_ours(model, prompts, n_new, generator, draft)
+def draft_impl(name, model, tokenizer):
+    """Ours with the draft setting: prompt lookup, or a draft model (textgen.load_draft) that proposes."""
+    draft_model = None
+    if draft != 'ngram':
+        from textgen import load_draft
+        try:
+            draft_model = load_draft(draft, tokenizer, device, dtype)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            fail(f"draft: {e}")
+
+    def run(model, prompts, n_new, generator):
+        return run_ours(model, prompts, n_new, generator, 'ngram' if draft_model is None else 'model', draft_model)
+    return [(f"{name} draft={'ngram' if draft_model is None else 'model'}", run, model)]
 
 
 def run_uncached(model, prompts, n_new, generator):
@@ -480,8 +492,9 @@ def check_sample_settings():
         fail("sample mode needs temperature >= 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
     if temperature == 0 and (compare_hf or compare_llamacpp or compare_uncached):
         fail("temperature 0 (greedy) times ours only: set compare_uncached=False (and no compare_hf, compare_llamacpp)")
-    if draft not in ('', 'ngram') or not 1 <= draft_tokens <= 64:
-        fail(f"draft must be '' or 'ngram' and draft_tokens 1 to 64, not {draft!r} and {draft_tokens}")
+    if not 1 <= draft_tokens <= 64 or draft not in ('', 'ngram') and init_from == 'scratch':
+        fail(f"draft_tokens must be 1 to 64 (not {draft_tokens}); a draft model needs a model with a tokenizer "
+             f"(init_from='resume' or a name), not random weights")
 
 
 def bench_sample():
@@ -506,7 +519,7 @@ def bench_sample():
     except ValueError as e:  # a quantize it does not know
         fail(str(e))
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
-    impls += [(f"{impls[0][0]} draft={draft}", run_ours_draft, model)] if draft else []
+    impls += draft_impl(impls[0][0], model, tokenizer if init_from != 'scratch' else None) if draft else []
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
             fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")

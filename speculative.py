@@ -26,13 +26,15 @@ DRAFTS = ('', 'ngram', 'model')  # '' is off; 'model': the engine's draft model
 
 
 class Proposer:
-    """A row's proposer. A run the model refuses whole makes the row skip the next 1, 2, 4, ... 16 steps'
-    proposals (one taken resets it): where nothing is guessed right, a step then almost never pays for the
-    extra positions (or the draft model's steps)."""
-    misses = wait = 0  # runs refused in a row; steps still to skip
+    """A row's proposer. How many it proposes adapts: 2 more after a run taken whole (up to the row's
+    draft_tokens), 1 fewer after one cut short. A run the model refuses whole makes the row skip the next
+    1, 2, 4, ... 16 steps' proposals (one taken resets it): where nothing is guessed right, a step then
+    almost never pays for the extra positions (or the draft model's steps)."""
+    misses = wait = size = 0  # runs refused in a row; steps still to skip; tokens to propose (0: draft_tokens)
 
-    def settle(self, accepted):
-        """After a run was checked: how many of its proposals the model took."""
+    def settle(self, proposed, accepted, most):
+        """After a run was checked: how many it proposed, how many of them the model took, the row's draft_tokens."""
+        self.size = min(proposed + 2, most) if accepted == proposed else max(1, proposed - 1)
         self.misses = 0 if accepted else self.misses + 1
         self.wait = 0 if accepted else min(2 ** (self.misses - 1), 16)
 
@@ -103,7 +105,8 @@ def plan(engine, rows):
     room = top - max(min(n, top) for n in engine.cache.lengths[:len(engine.rows)])
     runs = {}
     for row in wanting:
-        k = min(row.draft_tokens, row.max_tokens - len(row.tokens) - 1, room)
+        k = min(row.proposer.size if row.proposer and row.proposer.size else row.draft_tokens,
+                row.max_tokens - len(row.tokens) - 1, room)
         if row.proposer is None:
             model, cache = engine.draft or (None, None)
             row.proposer = PromptLookup() if row.draft == 'ngram' else ModelDraft(model, cache(), engine.vocab_size)
@@ -136,7 +139,7 @@ def verify(engine, rows, logits, runs, draws):
             engine.cache.lengths[engine.rows.index(row)] += len(tokens) - logits.size(1)
             row.token_logprobs += entries
             row.drafted = (len(runs[id(row)]), accepted)
-            row.proposer.settle(accepted)
+            row.proposer.settle(len(runs[id(row)]), accepted, row.draft_tokens)
     return {key: tokens for key, (tokens, _, _) in out.items()}
 
 

@@ -54,15 +54,19 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 
 def test_refused_runs_back_the_lookups_off():
-    """Where nothing is taken a row skips 1, 2, 4, 8, 16, 16 steps' lookups: few steps pay for extra positions."""
+    """Where nothing is taken a row skips 1, 2, 4, 8, 16, 16 steps' lookups: few steps pay for extra positions;
+    the number proposed follows what is taken."""
     lookup = PromptLookup()
     waits = []
     for _ in range(6):
-        lookup.settle(0)
+        lookup.settle(4, 0, 8)
         waits.append(lookup.wait)
     assert waits == [1, 2, 4, 8, 16, 16]
-    lookup.settle(2)
-    assert lookup.wait == 0 and lookup.misses == 0
+    lookup.settle(3, 2, 8)
+    assert lookup.wait == 0 and lookup.misses == 0 and lookup.size == 2  # cut short: one fewer next time
+    lookup.settle(2, 2, 8)
+    lookup.settle(4, 4, 5)
+    assert lookup.size == 5  # taken whole: two more, up to draft_tokens
     model = tiny()  # a flat distribution over 50 tokens: a proposal is mostly refused
     row = Row([7, 3, 7, 5, 7, 9, 7, 11], 40, temperature=1.0, seed=0, draft='ngram', draft_tokens=4)
     engine = Engine(model, 1, 40)
