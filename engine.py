@@ -86,10 +86,10 @@ class Row:
     forced: ids the caller queues for the next steps to feed instead of sampling (a calculator's
     output); they join tokens like any other but are not the model's choice: sampled is False for
     them and they get no logprobs entry.
-    draft: '' (off), 'ngram' or 'model' (the engine's draft_model): speculative decoding (speculative.py), up to
-    draft_tokens proposals checked
-    in each step's forward, so a step may add several tokens (row.stepped says how many). pause_tokens: ids
-    after which a step adds no more (the caller acts on them: a calculator call ends there)."""
+    draft: '' (off), 'ngram' or 'model' (the engine's draft_model): speculative decoding (speculative.py),
+    up to draft_tokens proposals checked in each step's forward, so a step may add several tokens
+    (row.stepped says how many). pause_tokens: ids after which a step adds no more (the caller acts on
+    them: a calculator call ends there)."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, stop_tokens=(),

@@ -315,3 +315,22 @@ def test_draft_is_refused_with_grammars_and_beams_and_checked():
     for bad in (dict(draft='out-small'), dict(draft='ngram', draft_tokens=0), dict(draft='ngram', draft_tokens=True)):
         with pytest.raises(SettingError):
             Row([1, 2], 4, **bad)
+
+
+def test_a_server_default_draft_goes_where_it_applies(bpe):  # noqa: F811
+    """serve.py's draft is the default of requests that name none; a beam search leaves it out, and refuses
+    one it is given by name."""
+    from serving.api import APIError, read_request
+    default = dict(draft='ngram', draft_tokens=3)
+    ask = lambda **body: read_request(dict(max_tokens=4, **body), [[1, 2]], bpe, 16, False, 8, 100, draft=default)  # noqa: E731
+    rows, _ = ask()
+    assert (rows[0][0].draft, rows[0][0].draft_tokens) == ('ngram', 3)
+    rows, _ = ask(draft='', temperature=0)
+    assert rows[0][0].draft == ''
+    rows, how = ask(temperature=0, best_of=2)
+    assert how['beams'] and not any(r.draft for r in rows[0])
+    with pytest.raises(APIError) as e:
+        ask(temperature=0, best_of=2, draft='ngram')
+    assert 'best_of' in str(e.value) and 'draft' in str(e.value)
+    with pytest.raises(APIError, match='draft'):
+        ask(draft='out-small')
