@@ -84,7 +84,7 @@ class PromptLookup(Proposer):
         self.seen = max(self.seen, len(context))
         for n in (3, 2, 1):
             end = self.latest.get(tuple(context[-n:])) if len(context) >= n else None
-            if end is not None:  # a copy that runs into the present goes on copying itself (a period of 1 or 2)
+            if end is not None:  # a copy that runs into the present goes on copying itself (a period shorter than k)
                 copy = context[end:end + k]
                 while len(copy) < k:
                     copy.append(copy[len(copy) - (len(context) - end)])
@@ -113,7 +113,10 @@ def plan(engine, rows):
         if row.proposer.wait:
             row.proposer.wait -= 1
         elif k > 0:
-            ids = row.proposer.propose(row.prompt + row.tokens, k)
+            try:  # a draft model's fault stays in its row
+                ids = row.proposer.propose(row.prompt + row.tokens, k)
+            except Exception as e:
+                row.error, ids = e, []
             if ids:
                 runs[id(row)] = ids
     return runs

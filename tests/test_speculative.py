@@ -334,3 +334,20 @@ def test_a_server_default_draft_goes_where_it_applies(bpe):  # noqa: F811
     assert 'best_of' in str(e.value) and 'draft' in str(e.value)
     with pytest.raises(APIError, match='draft'):
         ask(draft='out-small')
+
+
+def test_a_draft_model_fault_fails_its_row_only():
+    model, broken = tiny(), tiny(seed=1)
+
+    def fault(idx, cache=None):
+        raise RuntimeError("draft fault")
+    broken.hidden_states = fault
+    plain = Row([1, 2, 3], 10, temperature=0)
+    run(model, [plain])
+    rows = [Row([1, 2, 3], 10, temperature=0, draft='model'), Row([1, 2, 3], 10, temperature=0)]
+    engine = Engine(model, 2, 20, draft_model=broken)
+    engine.add(rows)
+    while engine.rows:
+        engine.step()
+    assert rows[0].finish_reason == 'error' and 'draft fault' in str(rows[0].error)
+    assert rows[1].finish_reason == 'length' and rows[1].tokens == plain.tokens
