@@ -26,6 +26,8 @@ ours in float32 and with int8 Linears join the table to pair with them).
 $ python bench.py --mode=sample --compare_hf=True   # GPT-2 124M shapes, random weights
 $ python bench.py --mode=sample --compare_hf=True --compare_llamacpp=True --compare_uncached=False --repeats=3
 $ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char
+$ python bench.py --mode=sample --init_from=resume --out_dir=out-shakespeare-char --batch_sizes=[1] \
+    --draft=ngram --prompt=FILE:prompt.txt --temperature=0   # speculative decoding against plain, same prompt
 """
 import atexit
 import contextlib
@@ -89,6 +91,10 @@ quantize = ''  # 'int8': our model with int8 Linears, as sample.py --quantize=in
 packed = True  # on a CPU our Linears' weights in oneDNN's packed layout, as sample.py and serve.py run; False: nn.Linear
 compare_uncached = True  # also time nanoGPT's original loop: a full forward over the sequence per token
 repeats = 1  # timed runs per implementation and batch size, taking turns; the fastest counts
+prompt = ''  # '': prompt_tokens random ids; else this text ("FILE:path" reads a file), every row the same
+draft = ''  # 'ngram' or a draft model's out_dir: ours with speculative decoding joins the table beside ours without
+# (docs/speculative.md)
+draft_tokens = 4
 # -----------------------------------------------------------------------------
 configure(globals())
 # -----------------------------------------------------------------------------
@@ -339,19 +345,42 @@ def hf_twin(model):
     return hf
 
 
-def run_ours(model, prompts, n_new, generator):
+DRAFTED = [0, 0]  # draft tokens proposed and accepted in the timed runs
+
+
+def run_ours(model, prompts, n_new, generator, draft='', draft_model=None):
     """Times of: the call, and each new token's arrival, for the engine (made inside the timing,
-    as sample.py makes it for every batch)."""
+    as sample.py makes it for every batch). A speculative step brings several: the k-th token has
+    arrived when every row has k."""
     t0 = now()
-    engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1))
-    rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i)
-            for i, p in enumerate(prompts.tolist())]
+    engine = Engine(model, len(prompts), n_new, longest_prompt=prompts.size(1), draft_model=draft_model)
+    rows = [Row(p, n_new, temperature=temperature, top_k=top_k, seed=generator.initial_seed() + i, draft=draft,
+                draft_tokens=draft_tokens) for i, p in enumerate(prompts.tolist())]
     engine.add(rows)
     times = []
     while engine.rows:
         engine.step()
-        times.append(now())
+        t = now()
+        times += [t] * (min(len(row.tokens) for row in rows) - len(times))
+        if n_new > 4:  # not the warm-up's
+            DRAFTED[0] += sum(row.drafted[0] for row in rows)
+            DRAFTED[1] += sum(row.drafted[1] for row in rows)
     return t0, times
+
+
+def draft_impl(name, model, tokenizer):
+    """Ours with the draft setting: prompt lookup, or a draft model (textgen.load_draft) that proposes."""
+    draft_model = None
+    if draft != 'ngram':
+        from textgen import load_draft
+        try:
+            draft_model = load_draft(draft, tokenizer, device, dtype)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            fail(f"draft: {e}")
+
+    def run(model, prompts, n_new, generator):
+        return run_ours(model, prompts, n_new, generator, 'ngram' if draft_model is None else 'model', draft_model)
+    return [(f"{name} draft={'ngram' if draft_model is None else 'model'}", run, model)]
 
 
 def run_uncached(model, prompts, n_new, generator):
@@ -435,9 +464,42 @@ def run_llamacpp(llm, prompts, n_new, generator):
     return t0, times
 
 
+def prompt_ids(tokenizer):
+    """The ids of the prompt setting (its text, or a file's with FILE:path); GPT-2's tokenizer for random weights."""
+    if tokenizer is None:
+        from tokenizer import gpt2_tokenizer
+        tokenizer = gpt2_tokenizer()
+    text = prompt
+    try:
+        if text.startswith('FILE:'):
+            with open(text[5:], encoding='utf-8') as f:
+                text = f.read()
+        return tokenizer.encode(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        fail(f"prompt: {e}")
+
+
+def report_draft(rows, plain, drafted):
+    print(f"draft={draft}: {DRAFTED[1]:,} of {DRAFTED[0]:,} proposed tokens accepted "
+          f"({DRAFTED[1] / max(DRAFTED[0], 1):.0%}) in the timed runs")
+    speed = {(name, B): d for name, B, _, d in rows}
+    for B in batch_sizes:
+        print(f"{drafted} / {plain}, batch {B}: {speed[drafted, B] / speed[plain, B]:.2f}x decode")
+
+
+def check_sample_settings():
+    if temperature < 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
+        fail("sample mode needs temperature >= 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    if temperature == 0 and (compare_hf or compare_llamacpp or compare_uncached):
+        fail("temperature 0 (greedy) times ours only: set compare_uncached=False (and no compare_hf, compare_llamacpp)")
+    if not 1 <= draft_tokens <= 64 or draft not in ('', 'ngram') and init_from == 'scratch':
+        fail(f"draft_tokens must be 1 to 64 (not {draft_tokens}); a draft model needs a model with a tokenizer "
+             f"(init_from='resume' or a name), not random weights")
+
+
 def bench_sample():
-    if temperature <= 0 or top_k < 0 or prompt_tokens < 1 or max_new_tokens < 2 or not batch_sizes:
-        fail("sample mode needs temperature > 0, top_k >= 0, prompt_tokens >= 1, max_new_tokens >= 2, batch_sizes")
+    global prompt_tokens
+    check_sample_settings()
     # `source`: the model's weights in ptdtype in plain Linears, which every implementation is made from
     if init_from == 'scratch':
         config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -446,15 +508,18 @@ def bench_sample():
     else:
         from textgen import load_model
         try:
-            source, _, _ = load_model(init_from, out_dir, device, dtype, pack=False)
+            source, tokenizer, _ = load_model(init_from, out_dir, device, dtype, pack=False)
         except (FileNotFoundError, ValueError, OSError) as e:
             fail(str(e))
+    ids = prompt_ids(tokenizer if init_from != 'scratch' else None) if prompt else None
+    prompt_tokens = len(ids) if ids else prompt_tokens
     cfg = source.config
     try:
         model = twin(source, ptdtype, quantize)
     except ValueError as e:  # a quantize it does not know
         fail(str(e))
     impls = [(f"ours {dtype}{' int8' if quantize else ''}", run_ours, model)]
+    impls += draft_impl(impls[0][0], model, tokenizer if init_from != 'scratch' else None) if draft else []
     if compare_llamacpp:  # ours as llama.cpp's f32 and q8_0 run, for the pairs below the table
         if quantize:
             fail("compare_llamacpp times ours with and without int8 itself: leave quantize unset")
@@ -480,6 +545,8 @@ def bench_sample():
     # the same random prompts for every implementation: row i of batch B is row i of the largest batch
     g = torch.Generator().manual_seed(seed)
     all_prompts = torch.randint(cfg.vocab_size, (max(batch_sizes), prompt_tokens), generator=g).to(device)
+    if ids:
+        all_prompts = torch.tensor([ids] * max(batch_sizes), device=device)
     rows = []
     with torch.inference_mode():
         for B in batch_sizes:
@@ -509,6 +576,8 @@ def bench_sample():
         print(f"{name:<28} {B:>5} {p:>14,.1f} {d:>13,.1f} {ours[B] / d:>9.2f}x")
     print("ours/this: our decode tok/s over this row's (above 1: ours is faster); decode tok/s = batch * "
           "(new tokens - 1) / time from the first new token to the last")
+    if draft:
+        report_draft(rows, impls[0][0], impls[1][0])
     decode = {(name, B): d for name, B, _, d in rows}
     pairs = [('ours float32', 'llama.cpp f32', None), (f'ours {dtype}', 'llama.cpp f16', 0.8),
              (f'ours {dtype} int8', 'llama.cpp q8_0', 0.8)]

@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 import torch
 
 from sampling import SlotTables, logprobs_of, sample_tokens
+from speculative import DRAFTS, plan, verify
 
 
 class KVCache:
@@ -84,18 +85,22 @@ class Row:
     chosen id (advance(id)) and says when it can take no more (done: the row ends, 'stop').
     forced: ids the caller queues for the next steps to feed instead of sampling (a calculator's
     output); they join tokens like any other but are not the model's choice: sampled is False for
-    them and they get no logprobs entry."""
+    them and they get no logprobs entry.
+    draft: '' (off), 'ngram' or 'model' (the engine's draft_model): speculative decoding (speculative.py),
+    up to draft_tokens proposals checked in each step's forward, so a step may add several tokens
+    (row.stepped says how many). pause_tokens: ids after which a step adds no more (the caller acts on
+    them: a calculator call ends there)."""
 
     def __init__(self, prompt, max_tokens, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                  presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None, stop_tokens=(),
-                 logprobs=None, constraint=None):
+                 logprobs=None, constraint=None, draft='', draft_tokens=4):
         positive = ('top_p', 'repetition_penalty')  # these may not be 0 itself
         for name, value, kind, lo, hi in [  # a bool is no number here; an int is a float
                 ('max_tokens', max_tokens, int, 0, None), ('temperature', temperature, float, 0, 1e6),
                 ('top_k', top_k, int, 0, 2 ** 31 - 1), ('top_p', top_p, float, 0, 1),
                 ('repetition_penalty', repetition_penalty, float, 0, 1e6), ('seed', seed, int, 0, 2 ** 64 - 1),
                 ('presence_penalty', presence_penalty, float, -2, 2), ('frequency_penalty', frequency_penalty, float, -2, 2),
-                ('logprobs', logprobs, int, 0, 20)]:
+                ('logprobs', logprobs, int, 0, 20), ('draft_tokens', draft_tokens, int, 1, 64)]:
             if value is None and name in ('seed', 'logprobs'):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
@@ -105,6 +110,10 @@ class Row:
                 raise SettingError(name, f"'{name}' must be {rule}, not {value!r}")
         if not prompt:
             raise SettingError('prompt', "the prompt is empty")
+        if draft not in DRAFTS:
+            raise SettingError('draft', f"'draft' must be one of {', '.join(map(repr, DRAFTS))}, not {draft!r}")
+        if draft and constraint is not None:  # a proposal the grammar forbids would have to be checked first
+            raise SettingError('draft', "'draft' does not apply with a grammar (response_format): leave one out")
         if not isinstance(logit_bias or {}, dict) or not all(
                 isinstance(k, int) and isinstance(v, (int, float)) and -100 <= v <= 100 for k, v in (logit_bias or {}).items()):
             raise SettingError('logit_bias', f"logit_bias must map token ids to values between -100 and 100, not {logit_bias!r}")
@@ -126,6 +135,18 @@ class Row:
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.kv_start = 0  # the cache holds (prompt + tokens)[kv_start:]: > 0 once cropped or slid
         self.prefilled = 0  # its first positions computed in whole prefill chunks: what may be reused
+        self.draft, self.draft_tokens, self.proposer = draft, draft_tokens, None  # proposer: speculative.py's, made at its first step
+        self.pause_tokens = set()
+        self.stepped = 0  # tokens the last step added
+        self.drafted = (0, 0)  # proposals the last step checked, and how many of them it took
+
+    def cut(self, n):
+        """Drop the last n tokens: the caller found its stop string inside a step's run, and ends the row."""
+        if n > 0:
+            scored = sum(self.sampled[-n:]) if self.logprobs is not None else 0
+            del self.tokens[-n:], self.sampled[-n:]
+            del self.token_logprobs[len(self.token_logprobs) - scored:]
+            self.stepped -= n
 
 
 class Beams:
@@ -207,6 +228,8 @@ class Beams:
 def beam_rows(prompt, num_beams, max_tokens, stop_tokens=(), stops=None, **settings):
     """The engine rows of one beam search over `prompt` (add them together). stops: see Beams; settings:
     Row's repetition_penalty, presence_penalty, frequency_penalty and logit_bias."""
+    if settings.get('draft'):
+        raise SettingError('draft', "'draft' does not apply to a beam search (num_beams, best_of): leave one out")
     rows = [Row(prompt, max_tokens, temperature=0, stop_tokens=stop_tokens, **settings) for _ in range(num_beams)]
     group = Beams(rows, max_tokens, stop_tokens, stops)
     for row in rows:
@@ -289,7 +312,7 @@ class Engine:
     their rounding differs enough to flip a near-tie later on."""
 
     def __init__(self, model, max_rows, max_new_tokens, vocab_size=None, seed=None, longest_prompt=None,
-                 prefix_cache_tokens=0, prefill_chunk=64):
+                 prefix_cache_tokens=0, prefill_chunk=64, draft_model=None):
         self.model, self.max_rows, self.max_new_tokens = model, max_rows, max_new_tokens
         cfg = model.config
         weight = model.transformer.wte.weight  # the model's float dtype even when its Linears are int8
@@ -312,6 +335,8 @@ class Engine:
         self.tables = SlotTables(max_rows, cfg.vocab_size, self.device)  # penalties, logit_bias, grammars
         self.prefill_chunk = prefill_chunk
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        # rows with draft='model': the draft model and a KV cache of its own for each (speculative.ModelDraft)
+        self.draft = draft_model and (draft_model, lambda: KVCache(draft_model.config, 1, max_len, self.device, cache_dtype))
 
     # --- joining and leaving ---
 
@@ -328,6 +353,8 @@ class Engine:
             if bad:
                 raise SettingError('prompt' if bad[0] in row.prompt else 'logit_bias',
                                    f"token id {bad[0]!r} is not in the vocabulary (0..{self.vocab_size - 1})")
+            if row.draft == 'model' and not self.draft:
+                raise SettingError('draft', "'draft' is 'model' but no draft model is loaded (draft=<its out_dir>)")
             if not 1 <= row.max_tokens <= self.max_new_tokens:  # a row always generates its first token
                 raise SettingError('max_tokens', f"max_tokens is {row.max_tokens}; it must be 1 to {self.max_new_tokens}")
             if self.window < self.model.config.block_size and len(row.prompt) > self.window:
@@ -395,24 +422,34 @@ class Engine:
         rows = list(self.rows)
         if not rows:
             return []
-        logits = self._isolated(self._forward, rows)
+        runs = plan(self, rows)  # each speculating row's proposals: fed after its newest token
+        width = 1 + max(map(len, runs.values()), default=0)
+        logits = self._isolated(lambda part: self._forward(part, runs, width), rows)  # (n, width, vocab)
+        for row in rows:
+            row.stepped = 0
+            if row.error is None and id(row) not in runs:  # the cache keeps the newest token's position only
+                self.cache.lengths[self.rows.index(row)] -= width - 1
         for group in {id(r.beam): r.beam for r in rows if r.beam is not None}.values():
             try:  # a fault in one beam fails its whole search
                 failed = next((r.error for r in group.rows if r.error is not None), None)
                 if failed is not None:
                     raise failed
-                group.step(self, logits[[rows.index(r) for r in group.rows]])
+                group.step(self, logits[[rows.index(r) for r in group.rows], 0])
             except Exception as e:
                 for r in group.rows:
                     r.error = r.error or e
         live = [r for r in rows if r.error is None and r.beam is None]
-        sampling = [r for r in live if not r.forced]  # the others take their next forced token
-        # each row's random draw, made once: a retry below must not move a row's random stream
-        draws = {id(r): (r.rng or self.rng).random() for r in sampling}
-        tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part]],
-                                                          [draws[id(r)] for r in part]), sampling)
-        chosen = {id(row): token for row, token in zip(sampling, tokens.tolist())}
-        done = [(row, chosen[id(row)] if id(row) in chosen else row.forced.popleft()) for row in live if row.error is None]
+        speculating = [r for r in live if id(r) in runs]
+        sampling = [r for r in live if not r.forced and id(r) not in runs]  # the others take their next forced token
+        # each row's random draws, made once: a retry below must not move a row's random stream
+        draws = {id(r): [(r.rng or self.rng).random() for _ in range(2 * len(runs[id(r)]) + 2 if id(r) in runs else 1)]
+                 for r in sampling + speculating}
+        tokens = self._isolated(lambda part: self._sample(part, logits[[rows.index(r) for r in part], 0],
+                                                          [draws[id(r)][0] for r in part]), sampling)
+        chosen = {id(row): [token] for row, token in zip(sampling, tokens.tolist())}
+        # a speculating row takes the proposals the model agrees with, then a token of the model's own
+        chosen.update(verify(self, speculating, logits[[rows.index(r) for r in speculating]], runs, draws))
+        done = [(row, token) for row in live if row.error is None for token in chosen.get(id(row)) or [row.forced.popleft()]]
         self.tables.count([self.rows.index(row) for row, _ in done], [token for _, token in done])
         for row, token in done:
             row.sampled.append(id(row) in chosen)
@@ -441,17 +478,19 @@ class Engine:
         good = next((p for p in parts if p is not None), torch.zeros(1, dtype=torch.long))
         return torch.cat([p if p is not None else torch.zeros_like(good[:1]) for p in parts])
 
-    def _forward(self, rows):
-        """The logits (n, vocab) for each row's next token, feeding each row's newest token.
-        `rows` is all the rows, or one row alone (slices of the cache, contiguous either way)."""
+    def _forward(self, rows, runs, width):
+        """The logits (n, width, vocab) after each position fed: each row's newest token, then its proposals
+        (runs), padded to width. `rows` is all the rows, or one row alone (slices of the cache, contiguous
+        either way)."""
         first = self.rows.index(rows[0])
         for i, row in enumerate(rows):
             self._make_room(first + i, row)
         view = self.cache.rows(first, first + len(rows))
-        idx = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        idx = torch.tensor([([row.next_token] + runs.get(id(row), []) + [row.next_token] * width)[:width] for row in rows],
+                           device=self.device)
         x = self.model.hidden_states(idx, cache=view)
         self.cache.lengths[first:first + len(rows)] = view.lengths
-        return self.model.logits(x[:, -1]).float()
+        return self.model.logits(x).float()
 
     def _make_room(self, slot, row):
         """A learned-position model cannot see past block_size. When a row's cache is full,
@@ -493,6 +532,7 @@ class Engine:
 
     def _append(self, row, token):
         row.tokens.append(token)
+        row.stepped += 1
         row.next_token = token
         if row.constraint is not None:
             try:  # the grammar library's fault stays in this row

@@ -6,6 +6,7 @@ $ python sample.py --init_from=gpt2 --start="What is the answer to life?" --stre
 $ python sample.py --out_dir=out-shakespeare-char --interactive=True   # a prompt, a continuation, repeat
 $ python sample.py --out_dir=out-chat --chat=True   # a multi-turn chat (a model fine-tuned on data/chat)
 $ python sample.py --out_dir=out-shakespeare-char --num_beams=4   # beam search: the best of 4 beams
+$ python sample.py --out_dir=out-shakespeare-char --draft=ngram --temperature=0   # speculative decoding
 
 The model and its tokenizer come from textgen.load_model, the text from textgen.generate_text: the
 one decode engine (engine.py) under the text layer every script shares.
@@ -18,7 +19,7 @@ import torch
 from common import set_threads
 from configurator import configure, fail
 from engine import Row
-from textgen import generate_text, load_model
+from textgen import generate_text, load_draft, load_model
 from tokenizer import render_chat, reply_content
 
 # -----------------------------------------------------------------------------
@@ -33,6 +34,9 @@ top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probabili
 repetition_penalty = 1.0  # > 1.0 discourages tokens already in the text
 stop = ''  # stop a sample when this text appears (the sample ends just before it); '' = never
 seed = 1337  # sample i draws from its own random stream, seeded with seed + i
+draft = ''  # speculative decoding: 'ngram' (prompt lookup: pays where the text repeats its prompt), a smaller
+# model with the same tokenizer (its out_dir, or a gpt2 name) that proposes, or '' off
+draft_tokens = 4  # tokens the draft proposes per step, all checked in one forward
 num_beams = 1  # > 1: beam search as transformers' generate(num_beams=...) does; prints its best beam (one sample)
 stream = False  # print tokens as they are generated (one sample at a time)
 interactive = False  # a REPL: read a prompt, stream one continuation, repeat (Ctrl-D or Ctrl-C exits)
@@ -64,12 +68,22 @@ def main():
             fail(f"the prompt file {prompt[5:]} is not UTF-8 text (bad byte at offset {e.start})")
     if num_samples < 1 or max_new_tokens < 1 or num_beams < 1:
         fail(f"num_samples, max_new_tokens and num_beams must be >= 1, not {num_samples}, {max_new_tokens} and {num_beams}")
+    draft_model = None
+    if draft not in ('', 'ngram'):
+        try:
+            draft_model = load_draft(draft, tokenizer, device, dtype, quantize)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            fail(f"draft: {e}")
+    kind = 'model' if draft_model else draft  # the engine's name for a draft model's rows
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   stop=stop, num_beams=num_beams, tools=tools)
+                   stop=stop, num_beams=num_beams, tools=tools, draft=kind, draft_tokens=draft_tokens,
+                   draft_model=draft_model)
     samples = num_samples if num_beams == 1 else 1  # beam search is deterministic: its one best beam
     try:  # the settings and the prompt, checked before any work
         Row(tokenizer.encode_prompt(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed)
+            repetition_penalty=repetition_penalty, seed=seed, draft=kind, draft_tokens=draft_tokens)
+        if draft and num_beams > 1:
+            raise ValueError("draft does not apply to a beam search (num_beams): leave one out")
     except ValueError as e:
         fail(str(e))
 

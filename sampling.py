@@ -47,10 +47,11 @@ class SlotTables:
         if self.counts is not None:
             self.counts[slots] = self.counts[sources]
 
-    def count(self, slots, tokens):
-        """Each slot has seen one more of its token."""
+    def count(self, slots, tokens, by=1):
+        """Each (slot, token) pair has been seen once more (by=-1: once fewer, to take a count back)."""
         if self.counts is not None and slots:
-            self.counts[slots, tokens] += 1
+            index = (torch.tensor(slots, device=self.device), torch.tensor(tokens, device=self.device))
+            self.counts.index_put_(index, torch.full((len(slots),), float(by), device=self.device), accumulate=True)
 
     def adjust(self, rows, slots, logits, vocab_size):
         """The logits (n, V) the sampler draws from: the rows' penalties and logit_bias applied, no NaN or
@@ -125,7 +126,7 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
             keep = values >= kth
             weights = _nucleus(_weights(values.masked_fill(~keep, float('-inf')), temperature), top_p)
             by_id = ids.argsort(-1)
-            choice = _draw(weights.gather(1, by_id), uniform)
+            choice = draw(weights.gather(1, by_id), uniform)
             return torch.where(sampled, ids.gather(1, by_id).gather(1, choice[:, None])[:, 0], greedy)
     limited = (top_k > 0) & (top_k < V)
     if bool(limited.any()):  # keep each limited row's top_k (and ties); the other rows keep everything
@@ -136,7 +137,26 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
     if bool((top_p < 1).any()):
         ranked, order = weights.sort(descending=True)
         weights = torch.zeros_like(weights).scatter(1, order, _nucleus(ranked, top_p))
-    return torch.where(sampled, _draw(weights, uniform), greedy)
+    return torch.where(sampled, draw(weights, uniform), greedy)
+
+
+def probabilities(logits, temperature, top_k, top_p):
+    """The distribution sample_tokens draws each row's token from, (n, vocab), each row summing to 1: top_k
+    (ties kept), the temperature, then top_p; a greedy row has all of it on its argmax. Speculative decoding
+    (speculative.py) accepts a proposed token with this probability."""
+    n, V = logits.shape
+    limited = (top_k > 0) & (top_k < V)
+    if bool(limited.any()):
+        k = torch.where(limited, top_k, 1)
+        kth = logits.topk(int(k.max())).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill((logits < kth) & limited[:, None], float('-inf'))
+    weights = _weights(logits, temperature)
+    if bool((top_p < 1).any()):
+        ranked, order = weights.sort(descending=True)
+        weights = torch.zeros_like(weights).scatter(1, order, _nucleus(ranked, top_p))
+    greedy = torch.zeros_like(weights).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.where((temperature < MIN_TEMPERATURE)[:, None], greedy, weights)
 
 
 def _weights(logits, temperature):
@@ -157,8 +177,8 @@ def _nucleus(ranked, top_p):
     return ranked.masked_fill(drop, 0.0)
 
 
-def _draw(weights, uniform):
-    """The column where each row's uniform draw lands in the cumulative weights."""
+def draw(weights, uniform):
+    """The column where each row's uniform draw lands in the cumulative weights (unnormalised, (n, V))."""
     cdf = weights.cumsum(-1)
     choice = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
     return choice[:, 0].clamp(max=weights.size(-1) - 1)

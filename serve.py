@@ -32,6 +32,7 @@ import torch
 
 from common import auto_dtype, set_threads
 from configurator import configure
+from engine import Row
 from serving.api import (WORKER_STOPPED, APIError, Completion, detokenize, embeddings, read_json, require, server_error,
                          tokenize)
 from serving.metrics import Metrics, gauges
@@ -58,6 +59,8 @@ threads = 0  # CPU threads the model computes on; 0: one fewer than torch's defa
 # keys and values of ended sequences kept for prompts that start the same way (a chat's next turn); 0 = off.
 # Memory: n_layer * 2 * n_embd * 4 bytes a token (GPT-2 124M: 74 KB, so 4096 tokens take 300 MB)
 prefix_cache_tokens = 4096
+draft = ''  # requests' default speculative decoding: 'ngram', a draft model's out_dir, '' off (docs/speculative.md)
+draft_tokens = 4  # tokens a draft proposes per step
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     configure(globals())  # before the constants below, so --help and overrides see only the settings above
@@ -235,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.load_lock:  # one load at a time
             try:
                 old = worker.loaded
-                loaded = Loaded('resume', new_out_dir, old.device, old.dtype, old.quantize)
+                loaded = Loaded('resume', new_out_dir, old.device, old.dtype, old.quantize, draft if draft == 'ngram' else '')
             except (ValueError, OSError) as e:
                 raise APIError(f"could not load the model: {e}", 'out_dir')
             done = threading.Event()
@@ -248,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
     def complete(self, body, chat):
         """/v1/completions and /v1/chat/completions: one JSON body, or with stream=true server-sent events."""
         worker = self.server.worker
-        answer = Completion(worker.loaded, body, chat, worker.max_batch_size, worker.max_tokens_limit)
+        answer = Completion(worker.loaded, body, chat, worker.max_batch_size, worker.max_tokens_limit, worker.draft)
         worker.submit(answer.request)
         send = lambda obj: self.wfile.write(b'data: ' + json.dumps(obj).encode() + b'\n\n')  # noqa: E731
         try:
@@ -291,6 +294,10 @@ def main():
             or prefix_cache_tokens < 0:
         sys.exit("error: max_batch_size, max_tokens_limit, max_body_bytes, max_waiting and request_timeout "
                  "must be >= 1, threads >= 0, prefix_cache_tokens >= 0")
+    try:
+        Row([0], 1, draft=draft if draft in ('', 'ngram') else 'model', draft_tokens=draft_tokens)  # as a request's
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     # Every streamed token wakes an HTTP thread; with all cores in torch's pool it preempts one of
     # them mid-step and the whole step waits (2-core CPU, GPT-2 124M, bfloat16: one client got 71
     # tok/s on 2 threads, 96 on 1)
@@ -310,11 +317,11 @@ def main():
     threading.Thread(target=server.serve_forever, name='http', daemon=True).start()
     print(f"listening on http://{host}:{server.server_address[1]} (loading the model)", flush=True)
     try:
-        loaded = Loaded(init_from, out_dir, device, dtype, quantize)
+        loaded = Loaded(init_from, out_dir, device, dtype, quantize, draft)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     server.worker = Worker(loaded, max_batch_size, max_tokens_limit, max_waiting, seed, prefix_cache_tokens,
-                           server.metrics)
+                           server.metrics, draft_tokens)
     if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
         print("warning: listening beyond this machine without an api_key", file=sys.stderr)
     # Ctrl-C and SIGTERM: stop accepting, end the open streams, stop a training run, exit 0

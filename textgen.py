@@ -45,6 +45,18 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
     return for_inference(model, device, ptdtype, quantize, pack), tokenizer, info
 
 
+def load_draft(source, tokenizer, device='cpu', dtype='float32', quantize=''):
+    """A draft model for speculative decoding (Row's draft='model'): an out_dir with a checkpoint, or what
+    load_model's init_from takes, which must have the model's tokenizer. ValueError when it does not."""
+    resume = os.path.exists(os.path.join(source, 'ckpt.pt'))
+    model, draft_tokenizer, _ = load_model('resume' if resume else source, source, device, dtype, quantize)
+    probe = range(0, tokenizer.n_vocab, max(1, tokenizer.n_vocab // 2000))  # ids across the vocabulary: the same bytes?
+    if draft_tokenizer.n_vocab != tokenizer.n_vocab or any(
+            draft_tokenizer.token_bytes([i]) != tokenizer.token_bytes([i]) for i in probe):
+        raise ValueError(f"the draft model {source} has another tokenizer than the model's: it cannot propose its tokens")
+    return model
+
+
 class TextStream:
     """Turns one sample's tokens into text as they arrive. A BPE token can end in the middle
     of a UTF-8 character, so bytes are decoded incrementally and a partial character waits
@@ -120,10 +132,12 @@ def start_reply(row, tokenizer, stop=(), tools=True):
     None unless tools and the tokenizer has the tool tokens)."""
     row.text = TextStream(tokenizer, stop, row.stop_tokens)
     row.calculator = tool_calls(tokenizer, tools)
+    if row.calculator:  # a speculative run ends at a call's end: its output comes next
+        row.pause_tokens.add(row.calculator.end)
 
 
 def decode_step(engine):
-    """One engine step, as text: (row, the text its new token adds) for each row the step
+    """One engine step, as text: (row, the text its new tokens add: row.stepped of them) for each row the step
     touched. Every row carries its TextStream as row.text (see start_reply): a row whose text
     reaches a stop string ends there, and a token the tokenizer cannot decode fails the row
     (row.error) as an engine fault would. A row's row.calculator answers the calculator calls
@@ -136,14 +150,20 @@ def decode_step(engine):
                 if row.beam is not None:  # a beam's tokens change until the search ends: its text comes whole then
                     tokens = row.tokens if row.finish_reason else []
                     piece = ''.join(row.text.add(t) for t in tokens)
-                else:
-                    piece = row.text.add(row.tokens[-1])
+                else:  # one token, or a speculative run's several: a stop string inside one ends the row there
+                    new = row.tokens[len(row.tokens) - row.stepped:]
+                    for i, token in enumerate(new):
+                        piece += row.text.add(token)
+                        if row.text.stopped:
+                            row.cut(len(new) - i - 1)
+                            row.finish_reason = row.finish_reason and 'stop'
+                            break
+                        if getattr(row, 'calculator', None) and not row.finish_reason:  # a call's end queues its output
+                            row.forced.extend(row.calculator.after(token))
                 if row.text.stopped:
                     engine.finish(row, 'stop')
                 if row.finish_reason:
                     piece += row.text.finish()
-                elif row.beam is None and getattr(row, 'calculator', None):  # queue the output of a call just ended
-                    row.forced.extend(row.calculator.after(row.tokens[-1]))
             except Exception as e:
                 row.error = e
                 engine.finish(row, 'error')
@@ -155,18 +175,18 @@ BEAM_SETTINGS = ('repetition_penalty', 'presence_penalty', 'frequency_penalty', 
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None, progress=False, num_beams=1,
-                  tools=True, keep=None, **settings):
+                  tools=True, keep=None, draft_model=None, **settings):
     """Continue each prompt (a list of strings or token id lists, one engine row each). Yields (row, text) pieces
     as they decode; a row ends at a stop string, <|endoftext|>, or after max_new_tokens tokens.
     settings: Row's sampling settings (temperature, top_k, top_p, repetition_penalty, ...). num_beams > 1:
     each prompt's best beam instead, its text whole at the end: the search is greedy (temperature, top_k and
     top_p do not apply), the penalties, logit_bias and stop strings do.
     tools: answer the model's calculator calls. keep: a list that receives the engine rows (their tokens, and
-    which of them were sampled).
+    which of them were sampled). draft_model: the model of rows with draft='model' (load_draft).
     progress: on stderr, a bar (tokens/s, ETA) on a terminal, else a line at every tenth of the tokens."""
     ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
     if num_beams > 1:
-        kept = {k: v for k, v in settings.items() if k in BEAM_SETTINGS}
+        kept = {k: v for k, v in settings.items() if k in BEAM_SETTINGS + ('draft',)}  # beam_rows refuses a draft
         beams = [beam_rows(p, num_beams, max_new_tokens, stop_tokens_of(tokenizer), stop_key(tokenizer, stop), **kept)
                  for p in ids]
         rows, every = [group[0] for group in beams], [row for group in beams for row in group]  # row 0 ends the best
@@ -174,7 +194,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
         rows = every = [Row(p, max_new_tokens, seed=None if seed is None else seed + i,
                             stop_tokens=stop_tokens_of(tokenizer), **settings) for i, p in enumerate(ids)]
     engine = Engine(model, len(every), max_new_tokens, vocab_size=tokenizer.n_vocab, seed=seed,
-                    longest_prompt=max(len(row.prompt) for row in rows))
+                    longest_prompt=max(len(row.prompt) for row in rows), draft_model=draft_model)
     index = {id(row): i for i, row in enumerate(rows)}
     if keep is not None:
         keep.extend(rows)
@@ -192,10 +212,11 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, stop=(), seed=None,
                 raise row.error
             if piece and id(row) in index:
                 yield index[id(row)], piece
-        done += len(stepped)
+        new = sum(max(row.stepped, 1) for row, _ in stepped)  # a speculative step's run: several tokens
+        done += new
         if bar is not None:
-            bar.update(len(stepped))
-        elif progress and done * 10 // total > (done - len(stepped)) * 10 // total:  # a file or CI's log: no \r
+            bar.update(new)
+        elif progress and done * 10 // total > (done - new) * 10 // total:  # a file or CI's log: no \r
             rate = done / max(time.time() - t0, 1e-6)
             print(f"sampling: {done}/{total} tokens, {rate:.1f} tok/s, {(total - done) / rate:.0f}s left",
                   file=sys.stderr, flush=True)

@@ -64,11 +64,11 @@ class Completion:
     """One /v1/completions or /v1/chat/completions call: its Request for the worker, and its answer made
     from the worker's events, one JSON body or, with stream=true, the chunks of server-sent events."""
 
-    def __init__(self, loaded, body, chat, max_batch_size, max_tokens_limit):
+    def __init__(self, loaded, body, chat, max_batch_size, max_tokens_limit, draft=None):
         prompts, self.prompt_texts, chat_stop = read_prompts(body, loaded.tokenizer, chat, max_batch_size)
         echo = not chat and flag(body, 'echo')
         rows, self.how = read_request(body, prompts, loaded.tokenizer, 256 if chat else 16, chat, max_batch_size,
-                                      max_tokens_limit, echo)
+                                      max_tokens_limit, echo, draft)
         self.request = Request(loaded, rows, self.how['stop'] + chat_stop, echo)
         self.loaded, self.chat, self.stream, self.rows = loaded, chat, self.how['stream'], rows
         self.per = self.how['best_of']  # rows per prompt: n, or best_of to pick n from
@@ -143,7 +143,7 @@ class Completion:
 
 
 ROW_SETTINGS = ('max_tokens', 'temperature', 'top_p', 'top_k', 'repetition_penalty', 'presence_penalty',
-                'frequency_penalty', 'seed', 'logit_bias')
+                'frequency_penalty', 'seed', 'logit_bias', 'draft', 'draft_tokens')
 
 
 def flag(body, name):
@@ -208,12 +208,16 @@ def read_prompts(body, tokenizer, chat, max_batch_size):
     return ids, [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts], []
 
 
-def read_request(body, prompts, tokenizer, default_max_tokens, chat, max_batch_size, max_tokens_limit, echo=False):
+def read_request(body, prompts, tokenizer, default_max_tokens, chat, max_batch_size, max_tokens_limit, echo=False,
+                 draft=None):
     """The engine rows of a completion or chat request, n per prompt (the seed of choice c is seed + c, so each
     samples on its own), and how to answer. Row checks the sampling settings; fields this server does not know
     are ignored, as OpenAI's server ignores them. logprobs: completions take 0..5 alternatives, chat takes
-    logprobs=true and top_logprobs 0..20."""
+    logprobs=true and top_logprobs 0..20. draft: the server's speculative decoding ({'draft', 'draft_tokens'}),
+    for requests that name none and where it applies (not a beam search or a grammar, which refuse a draft named)."""
     row = {k: body[k] for k in ROW_SETTINGS if body.get(k) is not None}
+    asked = 'draft' in row
+    row = dict(draft or {}, **row)
     if body.get('max_completion_tokens') is not None:  # the chat API's newer name; 0 is an error, not the default
         row.setdefault('max_tokens', body['max_completion_tokens'])
     row.setdefault('max_tokens', min(default_max_tokens, max_tokens_limit))
@@ -247,10 +251,13 @@ def read_request(body, prompts, tokenizer, default_max_tokens, chat, max_batch_s
     except FormatError as e:
         raise APIError(str(e), 'response_format')
     beams = best_of > 1 and best_of > n and row.get('temperature', 1.0) == 0  # greedy best_of: a beam search
+    if not asked and (beams or make is not None):  # the server's default draft goes where it applies
+        row.pop('draft', None)
     try:
         if beams:  # greedy: the sampling filters and a sampled row's extras do not apply; refused, not ignored
             for name, unset in (('response_format', make is None), ('logprobs', row['logprobs'] is None),
-                                ('top_k', row.get('top_k', 0) == 0), ('top_p', row.get('top_p', 1.0) == 1.0)):
+                                ('top_k', row.get('top_k', 0) == 0), ('top_p', row.get('top_p', 1.0) == 1.0),
+                                ('draft', not row.get('draft'))):
                 require(unset, f"best_of with temperature 0 (a beam search) takes no {name}", name)
             kept = {k: v for k, v in row.items() if k in BEAM_SETTINGS}
             rows = [beam_rows(p, best_of, row['max_tokens'], stop_tokens_of(tokenizer), stop_key(tokenizer, stop),

@@ -14,6 +14,8 @@ class Metrics:
         'nanogpt_prompt_tokens_total': ('counter', "prompt tokens of the requests that started generating"),
         'nanogpt_prompt_tokens_cached_total': ('counter', "of those, tokens whose keys and values came from the prefix cache"),
         'nanogpt_generated_tokens_total': ('counter', "tokens generated"),
+        'nanogpt_draft_tokens_proposed_total': ('counter', "tokens a draft proposed (speculative decoding)"),
+        'nanogpt_draft_tokens_accepted_total': ('counter', "of those, tokens the model accepted: accepted / proposed is the rate"),
         'nanogpt_time_to_first_token_seconds': ('histogram', "from a request's arrival to each choice's first token"),
         'nanogpt_inter_token_latency_seconds': ('histogram', "between two tokens of a choice"),
     }

@@ -13,14 +13,18 @@ from collections import deque
 from engine import Engine, SettingError
 from serving.api import WORKER_STOPPED, APIError, server_error
 from serving.metrics import Metrics
-from textgen import decode_step, load_model, start_reply
+from textgen import decode_step, load_draft, load_model, start_reply
 
 
 class Loaded:
-    """A model with its tokenizer and where it came from. A reload replaces the whole object."""
+    """A model with its tokenizer and where it came from, and the speculative decoding of requests that name
+    none (draft: '', 'ngram', or a draft model's out_dir, loaded here: draft is then 'model'). A reload
+    replaces the whole object."""
 
-    def __init__(self, init_from, out_dir, device, dtype, quantize=''):
+    def __init__(self, init_from, out_dir, device, dtype, quantize='', draft=''):
         self.model, self.tokenizer, self.info = load_model(init_from, out_dir, device, dtype, quantize)
+        self.draft_model = load_draft(draft, self.tokenizer, device, dtype, quantize) if draft not in ('', 'ngram') else None
+        self.draft = 'model' if self.draft_model else draft
         self.init_from, self.out_dir, self.created = init_from, out_dir, int(time.time())
         self.device, self.dtype, self.quantize = device, dtype, quantize
         self.name = os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
@@ -44,12 +48,14 @@ class Worker:
     rows, join the running batch between two steps and leave it when they end; a model load swaps the
     engine between steps. The engine's rows carry their request: row.request, row.choice and row.text
     (its TextStream). max_batch_size rows decode together, max_tokens_limit is the longest reply,
-    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own."""
+    max_waiting prompts may wait (past that a 429); seed is the stream of rows without their own; draft_tokens:
+    the tokens a draft proposes per step, for requests that name no draft (the draft is the Loaded's)."""
 
     def __init__(self, loaded, max_batch_size=8, max_tokens_limit=1024, max_waiting=256, seed=1337,
-                 prefix_cache_tokens=0, metrics=None):
+                 prefix_cache_tokens=0, metrics=None, draft_tokens=4):
         self.max_batch_size, self.max_tokens_limit, self.max_waiting = max_batch_size, max_tokens_limit, max_waiting
         self.seed, self.prefix_cache_tokens, self.metrics = seed, prefix_cache_tokens, metrics or Metrics()
+        self.draft_tokens = draft_tokens
         self.cond = threading.Condition()  # guards waiting, pending_load and closing
         self.waiting = deque()  # (request, prompt index)
         self.pending_load, self.closing = None, False
@@ -61,8 +67,13 @@ class Worker:
 
     def use(self, loaded):
         engine = Engine(loaded.model, self.max_batch_size, self.max_tokens_limit, loaded.tokenizer.n_vocab, self.seed,
-                        prefix_cache_tokens=self.prefix_cache_tokens)
+                        prefix_cache_tokens=self.prefix_cache_tokens, draft_model=loaded.draft_model)
         self.loaded, self.engine = loaded, engine
+
+    @property
+    def draft(self):
+        """The speculative decoding of requests that name none (serving/api.py's read_request)."""
+        return dict(draft=self.loaded.draft, draft_tokens=self.draft_tokens)
 
     def submit(self, request=None, load=None):
         """Queue a request (from an HTTP thread), or with load=(Loaded, Event) switch models."""
@@ -196,18 +207,25 @@ class Worker:
                 self.fail(request, server_error(f"error while generating: {type(row.error).__name__}: {row.error}"))
                 failed.add(request)
                 continue
-            self.stats['generated_tokens'] += 1
-            self.metrics.add('nanogpt_generated_tokens_total')
+            new = max(row.stepped, 1)  # a speculative run adds several (a beam search's row: its one)
+            self.stats['generated_tokens'] += new
+            self.metrics.add('nanogpt_generated_tokens_total', new)
+            self.metrics.add('nanogpt_draft_tokens_proposed_total', row.drafted[0])
+            self.metrics.add('nanogpt_draft_tokens_accepted_total', row.drafted[1])
             now, last = time.time(), getattr(row, 'last_token_at', None)
             if last is None:
                 self.metrics.observe('nanogpt_time_to_first_token_seconds', now - request.arrived)
             else:
                 self.metrics.observe('nanogpt_inter_token_latency_seconds', now - last)
+            for _ in range(new - 1):  # the rest of a run came at the same moment
+                self.metrics.observe('nanogpt_inter_token_latency_seconds', 0.0)
             row.last_token_at = now
-            token = row.tokens[-1]
-            # a calculator's output is forced, not sampled: no logprobs of its own
-            scored = row.logprobs is not None and token not in row.stop_tokens and (not row.sampled or row.sampled[-1])
-            logprobs = [(token, *row.token_logprobs[-1])] if scored else []
+            tokens, sampled = row.tokens[len(row.tokens) - new:], row.sampled[len(row.sampled) - new:]
+            logprobs = []
+            if row.logprobs is not None:  # a calculator's output is forced, not sampled: no logprobs of its own
+                entries = iter(row.token_logprobs[len(row.token_logprobs) - sum(sampled):])
+                logprobs = [(t, *next(entries)) for t, s in zip(tokens, sampled) if s]
+                logprobs = [entry for entry in logprobs if entry[0] not in row.stop_tokens]
             if piece or logprobs:
                 request.events.put(('text', row.choice, piece, logprobs))
             if row.finish_reason:

@@ -17,7 +17,7 @@ LAYERS = [set(m.removesuffix('.py') for m in SCRIPTS),
           {'serving', 'serving.api', 'serving.worker', 'serving.runs', 'serving.metrics'},
           {'textgen', 'common', 'checkpoint'},
           {'model', 'inference'},
-          {'engine', 'sampling', 'hf', 'muon'},
+          {'engine', 'sampling', 'speculative', 'hf', 'muon'},
           {'tokenizer', 'configurator', 'calculator', 'grammar'}]
 
 

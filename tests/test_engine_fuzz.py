@@ -2,9 +2,9 @@
 The engine under seeded random sequences of operations: rows join (random prompts, n samples,
 every sampling setting, bad ids), steps run, the caller forces tokens on a row (as a calculator
 feeds its output), rows end at any moment (first, middle, last slot), faults strike (a poison token fails any row that feeds it), the model is replaced. After each
-operation the invariants hold: nothing escapes, every row ends exactly once with a reason that
-fits it, the cache holds exactly each row's context, and a seeded or greedy row gets the tokens it
-gets alone.
+operation the invariants hold (speculating rows, draft='ngram', among the others): nothing escapes, every row ends exactly once with a reason that
+fits it, the cache holds exactly each row's context (a speculative step's rejected proposals gone), and
+a seeded or greedy row gets the tokens it gets alone (a greedy speculating row: those plain decoding gets).
 
 The suite runs a few seconds of it. A longer run by hand:
 $ ENGINE_FUZZ_OPS=40000 ENGINE_FUZZ_SEED=2 python -m pytest -q tests/test_engine_fuzz.py
@@ -88,6 +88,9 @@ class StopPair:
         return None
 
 
+SPEC = random.Random()  # the speculating rows' own choices (seeded by the test), apart from the operations'
+
+
 def random_row(rng, max_tokens=None):
     prompt = [rng.randrange(TOKENIZER_VOCAB) for _ in range(rng.choice([1, 2, 5, 12, 20]))]
     if rng.random() < 0.7:  # mostly keep the poison out of prompts, or almost every row would fail at once
@@ -106,10 +109,15 @@ def random_row(rng, max_tokens=None):
         allowed = set() if rng.random() < 0.1 else set(rng.sample(range(TOKENIZER_VOCAB), rng.randint(1, 6)))
         settings['constraint'] = Constraint(allowed, rng.randint(1, MAX_NEW), fault=rng.random() < 0.1,
                                             fail_at=rng.choice([None, None, 0, 1, 3]))
+    elif SPEC.random() < 0.35:  # speculative decoding: a prompt that repeats itself gives the lookup something
+        settings.update(draft='ngram', draft_tokens=SPEC.choice([1, 2, 4, 8]))
+        settings['temperature'] = SPEC.choice([0, settings['temperature']])  # greedy rows take most proposals
+        prompt = (prompt[:SPEC.randint(1, 3)] * 8)[:SPEC.randint(2, 8)]
     return Row(prompt, max_tokens or rng.randint(1, MAX_NEW), **settings)
 
 
 def copy_of(row, max_tokens):
+    """The row afresh, without its draft: a greedy speculating row gets what plain decoding gets."""
     return Row(row.prompt, max_tokens, temperature=row.temperature, top_k=row.top_k, top_p=row.top_p,
                repetition_penalty=row.penalties[0], presence_penalty=row.penalties[1],
                frequency_penalty=row.penalties[2], logit_bias=row.logit_bias, seed=row.seed,
@@ -177,13 +185,14 @@ def check_row(row):
 @pytest.mark.parametrize('arch', list(ARCHS))
 def test_random_operations_keep_the_engine_consistent(arch):
     rng = random.Random(f'fuzz-{arch}{SEED}')
+    SPEC.seed(f'speculate-{arch}{SEED}')
     model, clean = make_model(arch)
     def new_engine(prefix_cache_tokens):
         return Engine(model, MAX_ROWS, MAX_NEW, vocab_size=TOKENIZER_VOCAB, seed=rng.randrange(100),
                       prefix_cache_tokens=prefix_cache_tokens, prefill_chunk=CHUNK)
     engine = new_engine(400)
     live, seen, compared = [], [], 0
-    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0, cached=0, beams=0, forced=0)
+    counts = dict(add=0, refused=0, step=0, finish=0, reload=0, ended=0, cached=0, beams=0, forced=0, proposed=0, accepted=0)
 
     def ended(rows):
         nonlocal compared
@@ -195,7 +204,8 @@ def test_random_operations_keep_the_engine_consistent(arch):
                     beam_ended(row.beam)
                     continue
                 # a row with its own random stream, or a greedy one, samples as it would alone
-                if (row.seed is not None or row.temperature == 0) and row.tokens and compared < OPS // 4:
+                # (a sampled speculating row draws differently: how far it looks ahead depends on the other rows)
+                if (row.seed is not None and not row.draft or row.temperature == 0) and row.tokens and compared < OPS // 4:
                     compared += 1
                     solo = alone(model, row)
                     assert solo.tokens == row.tokens, (arch, row.finish_reason, solo.finish_reason)
@@ -224,7 +234,7 @@ def test_random_operations_keep_the_engine_consistent(arch):
 
     for _ in range(OPS):
         op = rng.choices(['add', 'beam', 'bad', 'step', 'finish', 'reload', 'score', 'force'],
-                         [3, 0.6, 0.3, 6, 1.5, 0.1, 0.2, 0.8])[0]
+                         [3, 0.8, 0.3, 6, 1.5, 0.1, 0.2, 0.8])[0]
         free = MAX_ROWS - len(engine.rows)
         if op == 'add' and free:
             rows = [random_row(rng) for _ in range(rng.randint(1, free))]
@@ -277,6 +287,8 @@ def test_random_operations_keep_the_engine_consistent(arch):
         elif op == 'step':
             touched = engine.step()
             counts['step'] += 1
+            counts['proposed'] += sum(r.drafted[0] for r in touched)
+            counts['accepted'] += sum(r.drafted[1] for r in touched)
             assert {id(r) for r in touched} <= {id(r) for r in live}
             ended([r for r in touched if r.finish_reason is not None])
         elif op == 'finish' and engine.rows:
@@ -314,4 +326,5 @@ def test_random_operations_keep_the_engine_consistent(arch):
     while engine.rows:
         ended([r for r in engine.step() if r.finish_reason is not None])
     assert not live or all(r.finish_reason is not None for r in live)
-    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10 and counts['cached'] and counts['beams'] and counts['forced'], counts
+    assert counts['step'] > OPS // 3 and counts['ended'] > OPS // 20 and compared > 10 and counts['cached'] and counts['beams'] and counts['forced'] \
+        and counts["accepted"], counts

@@ -32,6 +32,7 @@ SCHEMA = {'type': 'json_schema', 'json_schema': {'name': 'yn', 'schema': {'enum'
 @pytest.fixture(scope='module')
 def url(tmp_path_factory):
     import serve
+    from serving.metrics import Metrics
     from serving.runs import TrainRun
     from serving.worker import Loaded, Worker
     meta = train_bpe(['The quick brown fox jumps over the lazy dog. What is 12 * 3? Answer: 36. yes no "yes" '
@@ -55,8 +56,9 @@ def url(tmp_path_factory):
         'iter_num': 1, 'config': {}})
     with open(out / 'meta.pkl', 'wb') as f:
         pickle.dump(meta, f)
-    worker = Worker(Loaded('resume', str(out), 'cpu', 'float32'), max_batch_size=8, max_tokens_limit=200)
-    httpd = serve.Server(('127.0.0.1', 0), TrainRun(serve.HERE, str(out)), [str(out)], worker)
+    metrics = Metrics()  # the worker's counters on the server's /metrics, as serve.py's main wires them
+    worker = Worker(Loaded('resume', str(out), 'cpu', 'float32'), max_batch_size=8, max_tokens_limit=200, metrics=metrics)
+    httpd = serve.Server(('127.0.0.1', 0), TrainRun(serve.HERE, str(out)), [str(out)], worker, metrics)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown()
@@ -210,13 +212,37 @@ def check_response_format(url, mode, base):
     assert status == 200 and all(json.loads(t) in ('yes', 'no') for t in got['texts']), got
 
 
+def draft_counts(url):
+    """(proposed, accepted) draft tokens so far, from /metrics."""
+    import urllib.request
+    text = urllib.request.urlopen(url + '/metrics', timeout=30).read().decode()
+    value = lambda name: int(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + ' ')))  # noqa: E731,E741
+    return value('nanogpt_draft_tokens_proposed_total'), value('nanogpt_draft_tokens_accepted_total')
+
+
+def check_draft(url, mode, base):
+    before = draft_counts(url)
+    status, got = ask(url, mode, draft='ngram', draft_tokens=3)
+    if mode in ('beams', 'grammar'):  # a beam search ranks whole beams; a grammar would have to pass each proposal
+        assert refused(status, got, 'best_of' if mode == 'beams' else 'response_format', 'draft'), got
+        return
+    assert status == 200 and len(got['texts']) == len(base['texts']), got
+    assert draft_counts(url)[0] > before[0]  # it proposed (and /metrics counts it)
+    if mode in SAMPLED:  # another draw of the same distribution: seeded, it repeats
+        assert ask(url, mode, draft='ngram', draft_tokens=3)[1]['texts'] == got['texts']
+    else:  # greedy: the tokens plain decoding gives
+        assert got['texts'] == base['texts'], (got, base)
+    if mode == 'echo/logprobs':
+        assert all(lp and len(lp['tokens']) == len(lp['token_logprobs']) for lp in got['logprobs'])
+
+
 SETTINGS = {
     'max_tokens': check_max_tokens, 'stop': check_stop, 'logit_bias': check_logit_bias,
     'repetition_penalty': check_penalty('repetition_penalty', 5.0),
     'presence_penalty': check_penalty('presence_penalty', 2.0),
     'frequency_penalty': check_penalty('frequency_penalty', 2.0), 'seed': check_seed,
     'top_k': check_filter('top_k', 1), 'top_p': check_filter('top_p', 1e-9), 'logprobs': check_logprobs,
-    'response_format': check_response_format,
+    'response_format': check_response_format, 'draft': check_draft,
 }
 _tokenizers = {}
 
