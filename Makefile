@@ -29,7 +29,7 @@ demo: install
 chat-demo: install
 	python data/chat/prepare.py --task=arith --vocab_size=320
 	OMP_NUM_THREADS=1 python train.py config/train_chat_demo.py
-	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-chat --device=cpu --input=data/chat/val.jsonl
+	OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-chat --device=cpu --input=data/chat/val.jsonl --min_accuracy=0.9
 	@echo "chat with it:  python sample.py --out_dir=out-chat --device=cpu --chat=True --temperature=0"
 	@echo "or serve it:   python serve.py --out_dir=out-chat --device=cpu   (the page's Chat tab, or POST /v1/chat/completions)"
 
