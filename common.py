@@ -114,6 +114,15 @@ def resolve_dtype(device, dtype):
         fail(str(e))
 
 
+def peak_memory(device):
+    """The most memory this run has held so far, in words: the GPU's allocated tensors on CUDA, the process's
+    resident size (the Python runtime and libraries included) elsewhere."""
+    if device.startswith('cuda'):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB of CUDA tensors"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (the whole process)"
+
+
 def set_threads(threads):
     """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
     anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads

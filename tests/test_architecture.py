@@ -16,7 +16,7 @@ SCRIPTS = ['train.py', 'sample.py', 'serve.py', 'bench.py', 'bench_serve.py', 'e
 LAYERS = [set(m.removesuffix('.py') for m in SCRIPTS),
           {'serving', 'serving.api', 'serving.worker', 'serving.runs', 'serving.metrics'},
           {'textgen', 'common', 'checkpoint'},
-          {'model', 'inference'},
+          {'model', 'inference', 'lora'},
           {'engine', 'sampling', 'hf', 'muon'},
           {'tokenizer', 'configurator', 'calculator', 'grammar'}]
 
