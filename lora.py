@@ -5,7 +5,8 @@ computes exactly what its base does. Only A and B train: their AdamW moments are
 base's, which is what lets a model fine-tune where full fine-tuning's optimizer state does not fit.
 
 The adapted Linear keeps its own weight and bias under their names, so the base's state dict is the same
-with or without adapters; the adapters are the extra keys '*.lora_A', '*.lora_B', '*.lora_scaling'.
+with or without adapters; the adapters are the extra keys '*.lora_A', '*.lora_B' (and in lora_state, each
+module's scaling as '*.lora_scaling').
 Imports nothing of the project: it works on any module tree of nn.Linears.
 """
 import contextlib
@@ -23,7 +24,7 @@ KEYS = ('lora_A', 'lora_B', 'lora_scaling')
 
 class LoRALinear(nn.Linear):
     """An nn.Linear (its weight and bias frozen) with a low-rank update added to its output. scaling is
-    alpha / rank; an imported adapter may carry its own (a buffer, saved with the adapter)."""
+    alpha / rank; an imported adapter may carry its own."""
 
     def __init__(self, linear, rank, scaling, dropout=0.0):
         with torch.device('meta'):  # the base's tensors are taken over below, not allocated again
@@ -36,7 +37,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) draw A
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=torch.float32))
-        self.register_buffer('lora_scaling', torch.tensor(float(scaling), device=w.device))
+        self.lora_scaling = float(scaling)  # a number, not a buffer: DDP would broadcast a buffer at every forward
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_enabled = True  # False: the base alone (dpo.py's reference model)
 
@@ -45,14 +46,14 @@ class LoRALinear(nn.Linear):
         if not self.lora_enabled:
             return y
         h = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + h * self.lora_scaling.to(h.dtype)
+        return y + h * self.lora_scaling
 
     def delta(self):
         """The update folded into one matrix, (out, in), float32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.lora_scaling.float()
+        return (self.lora_B.float() @ self.lora_A.float()) * self.lora_scaling
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={float(self.lora_scaling):g}"
+        return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.lora_scaling:g}"
 
 
 def target_names(model, targets):
@@ -85,8 +86,11 @@ def add_lora(model, rank, alpha, dropout=0.0, targets='all'):
 
 
 def lora_state(model):
-    """The adapters alone: what a LoRA run's checkpoint holds of the model."""
-    return {k: v for k, v in model.state_dict().items() if k.rpartition('.')[2] in KEYS}
+    """The adapters alone, each with its scaling: what a LoRA run's checkpoint holds of the model."""
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition('.')[2] in KEYS}
+    state.update({f'{name}.lora_scaling': torch.tensor(m.lora_scaling) for name, m in model.named_modules()
+                  if isinstance(m, LoRALinear)})
+    return state
 
 
 def load_lora(model, state, dropout=0.0):
@@ -110,7 +114,7 @@ def load_lora(model, state, dropout=0.0):
         with torch.no_grad():
             module.lora_A.copy_(A)
             module.lora_B.copy_(B)
-            module.lora_scaling.copy_(state[f'{name}.lora_scaling'])
+        module.lora_scaling = float(state[f'{name}.lora_scaling'])
     return model
 
 

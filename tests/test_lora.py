@@ -4,6 +4,9 @@ checkpoint is the adapters and the name of its base (a few percent of a full one
 exactly, and every script's loader merges them in with the same logits. Tiny models on CPU.
 """
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from checkpoint import load_checkpoint
 from conftest import REPO, run_script
 from lora import LoRALinear, add_lora, adapters_off, lora_state, merge_lora, trainable
 from model import GPT, GPTConfig
-from test_core import iter_losses, train, workdir  # noqa: F401 (workdir is a fixture)
+from test_core import TINY, iter_losses, train, workdir  # noqa: F401 (workdir is a fixture)
 
 WIDE = ['--n_embd=64', '--n_head=2', '--n_layer=2']
 
@@ -95,6 +98,15 @@ def test_lora_run_checkpoint_resume_and_loaders(workdir, one_thread):
     torch.testing.assert_close(merged.eval()(x, x)[0], attached.eval()(x, x)[0], atol=1e-5, rtol=1e-5)
     base, _ = load_checkpoint(str(workdir / 'base'))
     assert (merged.eval()(x, x)[0] - base.eval()(x, x)[0]).abs().max() > 1e-3  # the adapters did learn
+    # DDP: 2 gloo processes train the same adapters as one process with 2 micro-steps
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                str(REPO / 'train.py'), *TINY, *lora, '--init_from=base', '--out_dir=ddp', '--max_iters=3']
+    proc = subprocess.run(torchrun, cwd=workdir, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = re.search(r'step 3: train loss ([\d.]+), val loss ([\d.]+)', whole.stdout).groups()
+    ddp = re.search(r'step 3: train loss ([\d.]+), val loss ([\d.]+)', proc.stdout).groups()
+    assert all(abs(float(x) - float(y)) < 2e-3 for x, y in zip(single, ddp)), (single, ddp)
     proc = run_script(REPO / 'sample.py', '--out_dir=a', '--device=cpu', '--dtype=float32', '--num_samples=1',
                       '--max_new_tokens=5', '--start=To', cwd=workdir, env={'PYTHONPATH': str(REPO)})
     assert proc.stdout.strip()
