@@ -345,7 +345,7 @@ def to_peft(arch, cfg, adapters):
         b = b if uniform else b * s  # ranks or scales that differ: each folded into its B, alpha = r
         sizes = split_sizes(mine + '.weight', cfg, len(theirs))
         for (name, how), part in zip(theirs, b.split(sizes) if sizes else [b]):
-            state[f'{PEFT_PREFIX}{name}.lora_A.weight'] = a.contiguous()
+            state[f'{PEFT_PREFIX}{name}.lora_A.weight'] = a.clone()  # each its own copy: safetensors shares none
             state[f'{PEFT_PREFIX}{name}.lora_B.weight'] = lora_rows(how, part, hd).contiguous()
             ranks[name] = a.shape[0]
     all_names = [n for _, theirs in modules for n, _ in theirs]
