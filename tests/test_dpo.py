@@ -126,3 +126,66 @@ def test_bad_data_is_one_line(sft):
         proc = dpo(sft, '--init_from=out-sft', '--out_dir=out-bad', *args, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_loss_and_rewards_equal_trls_dpo_trainer(tmp_path, one_thread):
+    """TRL's DPOTrainer (a test-only dependency) and ours on the same tiny Llama (policy: its weights moved a little;
+    reference: as saved), the same pairs in TRL's format, one batch: the same tokens, loss, rewards and gradients."""
+    trl = pytest.importorskip('trl')
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from checkpoint import load_pretrained
+    from test_llama import CHATML, byte_level_tokenizer, save_llama
+    from tokenizer import load_tokenizer
+    tok = byte_level_tokenizer(['<|endoftext|>', '<|im_start|>', '<|im_end|>'])
+    save_llama(tmp_path / 'ref', tok, CHATML, eos='<|im_end|>', bos='<|endoftext|>', tied=True)
+    save_llama(tmp_path / 'policy', tok, CHATML, eos='<|im_end|>', bos='<|endoftext|>', tied=True)
+    policy_hf = AutoModelForCausalLM.from_pretrained(tmp_path / 'ref', dtype=torch.float32)
+    with torch.no_grad():
+        for p in policy_hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    policy_hf.save_pretrained(tmp_path / 'policy')
+    lines = [{'prompt': [{'role': 'user', 'content': f'What is {a} + {b}?'}],
+              'chosen': [{'role': 'assistant', 'content': f'Answer: {a + b}'}],
+              'rejected': [{'role': 'assistant', 'content': f'It is {a + b + 1}, I think'}]}
+             for a, b in [(1, 2), (30, 4), (7, 70)]]
+    args = trl.DPOConfig(output_dir=str(tmp_path / 'trl'), per_device_train_batch_size=3, beta=0.3, report_to=[],
+                         use_cpu=True, bf16=False, disable_dropout=True)
+    trainer = trl.DPOTrainer(model=policy_hf, ref_model=AutoModelForCausalLM.from_pretrained(tmp_path / 'ref'),
+                             args=args, train_dataset=Dataset.from_list(lines),
+                             processing_class=AutoTokenizer.from_pretrained(tmp_path / 'ref'))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trl_loss = trl_loss.item()
+    metrics = {k: v[-1] for k, v in trainer._metrics['eval' if not trainer.model.training else 'train'].items()}
+
+    path = tmp_path / 'pairs.jsonl'
+    path.write_text(''.join(json.dumps(x) + '\n' for x in lines))
+    ours_tok = load_tokenizer(str(tmp_path / 'ref'))
+    pairs = read_pairs(path)
+    encoded = [encode_reply(ours_tok, p, c) for p, c, _ in pairs] + [encode_reply(ours_tok, p, r) for p, _, r in pairs]
+    # the same sequences, the same reply tokens (TRL pads on the right too; its order is its sampler's)
+    theirs = {tuple(ids[m == 1].tolist()) for ids, m in zip(inputs['input_ids'], inputs['completion_mask'])}
+    assert theirs == {tuple(i for i, m in zip(ids, mask) if m) for ids, mask in encoded}
+    x, y = batch(encoded, 'cpu')
+    policy, reference = load_pretrained(str(tmp_path / 'policy')).eval(), load_pretrained(str(tmp_path / 'ref')).eval()
+    pol = reply_logps(policy(x, y)[0], y)
+    with torch.no_grad():
+        ref = reply_logps(reference(x, y)[0], y)
+    losses, chosen, rejected = dpo_loss(pol[:3], pol[3:], ref[:3], ref[3:], beta=0.3)
+    losses.mean().backward()
+    # the gradients too, every weight under transformers' names (hf.py's map)
+    import hf
+    grads = hf.to_theirs('llama', policy.config, {k: v.grad for k, v in policy.state_dict(keep_vars=True).items()})
+    theirs_grads = dict(trainer.model.named_parameters())  # the tied head once, as the embedding
+    assert set(theirs_grads) <= set(grads) and len(theirs_grads) > 10
+    for name, p in theirs_grads.items():
+        assert (grads[name] - p.grad).abs().max() < 1e-5, name
+    assert abs(losses.mean().item() - trl_loss) < 1e-5
+    assert abs(chosen.mean().item() - metrics['rewards/chosen']) < 1e-5
+    assert abs(rejected.mean().item() - metrics['rewards/rejected']) < 1e-5
+    assert abs((chosen - rejected).mean().item() - metrics['rewards/margins']) < 1e-5
+    assert (chosen > rejected).float().mean().item() == metrics['rewards/accuracies']
+    assert abs(trl_loss - math.log(2)) > 1e-3  # the policy is not the reference
