@@ -138,12 +138,13 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 elif fsdp:
     fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
-if lora_rank and (fsdp or init_from == 'scratch' or lora_targets not in LORA_TARGETS or lora_alpha <= 0):
-    fail(f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not '{lora_targets}'" if lora_targets not in LORA_TARGETS
-         else f"lora_alpha must be > 0, not {lora_alpha}" if lora_alpha <= 0 else
-         "lora_rank trains adapters over a base model: set init_from (a model's out_dir, a transformers directory, "
-         "a gpt2 name)" if not fsdp else "lora_rank with fsdp=True is not supported: the frozen base needs no "
-                                         "sharded optimizer state, use DDP (plain torchrun) instead")
+LORA_FSDP = "lora_rank with fsdp=True is not supported: the frozen base needs no sharded optimizer state, use DDP"
+lora_problems = [f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not '{lora_targets}'"] * (
+    lora_targets not in LORA_TARGETS) + [f"lora_alpha must be > 0, not {lora_alpha}"] * (lora_alpha <= 0) + [
+    "lora_rank trains adapters over a base model: set init_from (a model's out_dir, a transformers or PEFT "
+    "directory, a gpt2 name)"] * (init_from == 'scratch') + [LORA_FSDP] * fsdp
+if lora_rank and lora_problems:
+    fail(lora_problems[0])
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 
@@ -337,7 +338,7 @@ elif block_size > model.config.block_size:
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
 config.update({k: model_args[k] for k in architecture_defaults})  # the checkpoint records what this run trains
 if lora_rank and fsdp:  # a resumed LoRA run too
-    fail("lora_rank with fsdp=True is not supported: the frozen base needs no sharded optimizer state, use DDP")
+    fail(LORA_FSDP)
 if lora_rank and not has_lora(model):
     add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
 for module in model.modules():
