@@ -86,3 +86,8 @@ def test_an_adapter_made_by_peft_loads_and_trains_here(llama, one_thread):
     ckpt = torch.load(llama / 'out-from-peft' / 'ckpt.pt', weights_only=True)
     assert ckpt['lora']['base'] == str(llama / 'llama')
     assert ckpt['model']['transformer.h.0.attn.c_attn.lora_A'].shape[0] == 6  # q's and v's ranks, stacked
+    # and out again: ranks that differ by module go out as PEFT's rank_pattern, checked against peft by export.py
+    proc = run_script(REPO / 'export.py', '--out_dir=out-from-peft', '--format=peft', cwd=llama)
+    assert 'peft: logits within' in proc.stdout
+    config = json.loads((llama / 'out-from-peft-peft' / 'adapter_config.json').read_text())
+    assert config['rank_pattern']['model.layers.0.self_attn.q_proj'] == 6 and config['lora_alpha'] == config['r']
