@@ -123,7 +123,8 @@ try:
         iter_num = saved_iter = checkpoint['iter_num']
     else:
         start = init_from if not os.path.isdir(init_from) else os.path.abspath(init_from)
-        model, tokenizer, meta, _ = load_start(init_from, merge=not lora_rank)
+        # a PEFT adapter merged in too: the start is the reference, and new adapters go over all of it
+        model, tokenizer, meta, _ = load_start(init_from, merge=True)
     if lora_rank and not has_lora(model):
         add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     # without adapters to turn off, the reference is a frozen copy of the starting model
@@ -165,11 +166,11 @@ if master and meta is not None:
         pickle.dump(meta, f)
 
 
-def pair_stats(ids):
-    """DPO's losses and the chosen and rejected rewards of the pairs `ids`, the policy's graph kept."""
+def pair_stats(ids, net):
+    """DPO's losses and the chosen and rejected rewards of the pairs `ids`, the policy's (net's) graph kept."""
     x, y = batch([encoded[i][0] for i in ids] + [encoded[i][1] for i in ids], device)
     with ctx:
-        policy = reply_logps(model(x, y)[0], y)
+        policy = reply_logps(net(x, y)[0], y)
         with torch.no_grad():
             if reference is None:
                 with adapters_off(raw_model):
@@ -188,7 +189,8 @@ def summary(losses, chosen, rejected):
 @torch.no_grad()
 def evaluate():
     raw_model.eval()
-    stats = [pair_stats(val_ids[i:i + batch_size]) for i in range(0, len(val_ids), batch_size)]
+    # the unwrapped model: only this rank evaluates, and a DDP forward would wait for the others
+    stats = [pair_stats(val_ids[i:i + batch_size], raw_model) for i in range(0, len(val_ids), batch_size)]
     raw_model.train()
     return [torch.cat(parts) for parts in zip(*stats)]
 
@@ -201,7 +203,7 @@ def save():
     ckpt = {'model': lora_state(raw_model) if lora_rank else raw_model.state_dict(),
             'optimizer': optimizer.state_dict(),
             'model_args': saved_model_args({k: getattr(raw_model.config, k) for k in GPTConfig.__dataclass_fields__}),
-            'gelu_approximate': raw_model.config.gelu_approximate, 'iter_num': iter_num, 'best_val_loss': 0.0,
+            'gelu_approximate': raw_model.config.gelu_approximate, 'iter_num': iter_num,
             'config': config,
             **({'lora': dict(base=start, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                              targets=lora_targets)} if lora_rank else {})}
@@ -234,7 +236,7 @@ while True:
         torch.manual_seed(stable_seed(seed, 'dropout', rank, iter_num, micro_step))
         if ddp:
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        losses, chosen, rejected = pair_stats(ids)
+        losses, chosen, rejected = pair_stats(ids, model)
         (losses.mean() / gradient_accumulation_steps).backward()
         stats.append((losses.detach(), chosen, rejected))
     losses, chosen, rejected = [torch.cat(parts) for parts in zip(*stats)]
