@@ -114,9 +114,22 @@ def resolve_dtype(device, dtype):
         fail(str(e))
 
 
+def reset_peak_memory(device):
+    """Start peak_memory's count here, so that loading (a transformers model converted, a checkpoint read) does not
+    count as training: on Linux the process's peak resident size resets through /proc/self/clear_refs."""
+    import gc
+    gc.collect()
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+
+
 def peak_memory(device):
-    """The most memory this run has held so far, in words: the GPU's allocated tensors on CUDA, the process's
-    resident size (the Python runtime and libraries included) elsewhere."""
+    """The most memory this run has held since reset_peak_memory, in words: the GPU's allocated tensors on CUDA,
+    the process's resident size (the Python runtime and libraries included) elsewhere."""
     if device.startswith('cuda'):
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB of CUDA tensors"
     import resource

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import SaveError, load_checkpoint, load_pretrained, peft_base, save_checkpoint, saved_model_args
 from common import (autocast, check_training_settings, init_distributed, lock_out_dir, lr_at, nonfinite, peak_memory,
-                    resolve_dtype, set_peak_lrs, stable_seed)
+                    reset_peak_memory, resolve_dtype, set_peak_lrs, stable_seed)
 from configurator import configure, fail
 from lora import TARGETS as LORA_TARGETS, LoRALinear, adapters_off, add_lora, has_lora, lora_state, trainable
 from model import GPTConfig
@@ -214,6 +214,7 @@ def save():
     saved_iter = iter_num
 
 
+reset_peak_memory(device)  # what training holds, not what loading the models did
 t0 = time.time()
 first = True
 while True:

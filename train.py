@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (SaveError, load_checkpoint, load_optimizer_state, load_pretrained, peft_base, remove_old_shards,
                         save_checkpoint, save_shards, saved_model_args)
 from common import (autocast, check_training_settings, close_progress, compiled, init_distributed, lock_out_dir, lr_at,
-                    nonfinite, peak_memory, progress_bar, resolve_dtype, set_peak_lrs, stable_seed)
+                    nonfinite, peak_memory, progress_bar, reset_peak_memory, resolve_dtype, set_peak_lrs, stable_seed)
 from configurator import configure, fail
 from lora import TARGETS as LORA_TARGETS, LoRALinear, add_lora, has_lora, lora_state, trainable
 from model import GPT, GPTConfig
@@ -555,6 +555,7 @@ bar = progress_bar(max_iters, iter_num) if master_process and not eval_only else
 mfu_peak = peak_flops or (312e12 if device_type == 'cuda' else 0.0)
 
 # training loop
+reset_peak_memory(device)  # what training holds, not what loading the model did
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = -1.0
