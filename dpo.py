@@ -216,7 +216,7 @@ def save():
 
 reset_peak_memory(device)  # what training holds, not what loading the models did
 t0 = time.time()
-first = True
+start_iter = iter_num
 while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master:
         if val_ids:
@@ -254,9 +254,8 @@ while True:
     t1 = time.time()
     if iter_num % log_interval == 0 and master:
         print(f"iter {iter_num}: {summary(losses, chosen, rejected)}, time {(t1 - t0) * 1000:.0f}ms")
-    if first and master:
-        print(f"peak memory after the first step: {peak_memory(device)}")
-        first = False
+    if iter_num == start_iter + 1 and master:  # the optimizer's state exists from the first step on
+        print(f"peak memory over the first two steps: {peak_memory(device)}")
     t0 = t1
     iter_num += 1
 if master:

@@ -640,8 +640,8 @@ try:
                 rate = bar.format_dict['rate']  # iterations/s, smoothed as for the ETA (evaluations included)
                 speed = f", {rate * tokens_per_iter:,.0f} tok/s" if rate else ''
                 bar.set_postfix_str(f"loss {lossf:.4f}{speed}{mfu_text}", refresh=False)
-        if local_iter_num == 0 and master_process:
-            print(f"peak memory after the first step: {peak_memory(device)}")
+        if local_iter_num == 1 and master_process:  # the optimizer's state exists from the first step on
+            print(f"peak memory over the first two steps: {peak_memory(device)}")
         if bar is not None:
             bar.update(1)
         iter_num += 1
