@@ -1,7 +1,8 @@
 """
 Our weight names and configs against transformers' (and llama.cpp's GGUF), one table per architecture,
 used in both directions: GPT.from_pretrained (model.py) reads transformers' weights through it, export.py
-writes transformers' and GGUF's, bench.py builds transformers' twin of a model.
+writes transformers' and GGUF's, bench.py builds transformers' twin of a model; LoRA adapters go to and come
+from PEFT's layout through the same table (to_peft, from_peft).
 
 The architectures our GPT computes, and their classes:
 - 'gpt2': GPT2LMHeadModel. Learned positions, LayerNorm, the same names as ours (nanoGPT kept them),
