@@ -5,10 +5,13 @@ Checkpoints: one loader every script reads a model through (load_checkpoint), on
 out_dir/ckpt.pt holds nanoGPT's keys: 'model' (the state dict), 'model_args' (GPTConfig's arguments;
 a switch only when it is not GPT-2's default, so a plain checkpoint loads in nanoGPT too), 'iter_num',
 'best_val_loss', 'config' (the run's settings), the optimizer's state ('optimizer', or under FSDP
-'shards', a directory beside it) and 'scaler'.
+'shards', a directory beside it) and 'scaler'. A LoRA run's 'model' holds its adapters alone and 'lora'
+names the base they adapt ('base': an out_dir, a transformers directory, a gpt2 name or a hub id); the
+loader loads that base and the adapters over it, merged unless asked not to.
 """
 import contextlib
 import glob
+import json
 import os
 import shutil
 import sys
@@ -16,15 +19,19 @@ import warnings
 
 import torch
 
+import hf
 from configurator import write_settings
+from lora import load_lora, merge_lora
 from model import GPT, GPTConfig
+from tokenizer import pretrained_dir
 
 
-def load_checkpoint(out_dir, device='cpu', dropout=None):
+def load_checkpoint(out_dir, device='cpu', dropout=None, merge=True):
     """A GPT from out_dir/ckpt.pt (written by train.py, or by nanoGPT's) and the rest of the
     checkpoint (optimizer state, iter_num, config, ...). Every script loads through here. A
     checkpoint is data: weights_only=True refuses one that would run code when unpickled.
-    dropout: another rate to train on (a training setting, not part of the architecture)."""
+    dropout: another rate to train on (a training setting, not part of the architecture).
+    A LoRA run's checkpoint: its base with the adapters merged in, or (merge=False) attached, to train on."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or set --out_dir")
@@ -37,6 +44,8 @@ def load_checkpoint(out_dir, device='cpu', dropout=None):
         config = GPTConfig(**model_args)
         # nanoGPT's checkpoints of compiled models carry this prefix on every key
         state = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint.pop('model').items()}
+        if 'lora' in checkpoint:
+            return lora_model(checkpoint, config, state, device, merge), checkpoint
         # the weights must fit model_args before the model is allocated: model_args alone may ask for terabytes
         with torch.device('meta'):
             expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
@@ -52,6 +61,51 @@ def load_checkpoint(out_dir, device='cpu', dropout=None):
     except Exception as e:  # a truncated file, a pickle that is not plain data, weights of another shape
         raise ValueError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model, checkpoint
+
+
+def lora_model(checkpoint, config, state, device, merge):
+    """A LoRA run's model: its base (which must have the architecture the run recorded), then the adapters."""
+    lora = checkpoint['lora']
+    base = lora['base']
+    if os.path.isfile(os.path.join(base, 'ckpt.pt')):
+        model, _ = load_checkpoint(base, device, dropout=config.dropout)
+    else:
+        model = load_pretrained(base, dropout=config.dropout)
+    if model.config.learned_positions and config.block_size < model.config.block_size:
+        model.crop_block_size(config.block_size)  # the run trained on shorter windows
+    differ = [f"{k}={getattr(model.config, k)!r}, not {v!r}" for k, v in vars(config).items()
+              if k not in ('dropout', 'block_size') and getattr(model.config, k) != v]
+    if differ:
+        raise ValueError(f"its base {base} is not the model its adapters were trained on: {differ[0]}")
+    load_lora(model.to(device), state, lora.get('dropout', 0.0))
+    return merge_lora(model) if merge else model
+
+
+def peft_base(path):
+    """The base model a PEFT adapter directory names (adapter_config.json's base_model_name_or_path), or None
+    when path is no such directory."""
+    try:
+        with open(os.path.join(path, 'adapter_config.json')) as f:
+            return json.load(f)['base_model_name_or_path']
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_pretrained(name_or_path, dropout=0.0, merge=True):
+    """GPT.from_pretrained, and for a PEFT LoRA adapter directory (adapter_model.safetensors beside an
+    adapter_config.json naming its base) that base with the adapter over it: merged, or (merge=False)
+    attached to train on."""
+    base = peft_base(name_or_path)
+    if base is None:
+        return GPT.from_pretrained(name_or_path, dict(dropout=dropout))
+    from safetensors.torch import load_file
+    model = GPT.from_pretrained(pretrained_dir(base), dict(dropout=dropout))
+    with open(os.path.join(name_or_path, 'adapter_config.json')) as f:
+        peft_config = json.load(f)
+    theirs = load_file(os.path.join(name_or_path, 'adapter_model.safetensors'))
+    load_lora(model, hf.from_peft(hf.hf_arch(model.config), model.config, peft_config, theirs),
+              peft_config.get('lora_dropout', 0.0))
+    return merge_lora(model) if merge else model
 
 
 def write_checkpoint(path, checkpoint):

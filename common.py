@@ -114,6 +114,31 @@ def resolve_dtype(device, dtype):
         fail(str(e))
 
 
+def reset_peak_memory(device):
+    """Start peak_memory's count here, so that loading (a transformers model converted, a checkpoint read) does not
+    count as training: on Linux the process's peak resident size resets through /proc/self/clear_refs."""
+    import gc
+    gc.collect()
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed memory resident: hand it back first
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    with contextlib.suppress(OSError):
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+
+
+def peak_memory(device):
+    """The most memory this run has held since reset_peak_memory, in words: the GPU's allocated tensors on CUDA,
+    the process's resident size (the Python runtime and libraries included) elsewhere."""
+    if device.startswith('cuda'):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB of CUDA tensors"
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB resident (the whole process)"
+
+
 def set_threads(threads):
     """torch's CPU threads: `threads`, or for 0 one fewer than its default. A model on every core stalls whenever
     anything else runs, as each parallel op waits for its slowest thread: on a busy 2-core machine 2 threads

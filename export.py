@@ -18,6 +18,11 @@ Anything else stops with the switches that no transformers class computes. A pad
 (GPT-2's 50257 padded to 50304) is cut to the tokenizer's size. A chat model's tokenizer gets a chat
 template that renders as tokenizer.render_chat; a transformers model's tokenizer (a Llama model
 fine-tuned here) goes out as it came, chat template included.
+--format=peft writes a LoRA run's adapters (train.py --lora_rank) as a PEFT adapter directory over the
+transformers model they adapt (adapter_config.json, adapter_model.safetensors, PEFT's module names: our
+fused attention and gate/up weights split into q/k/v and gate/up, each with its rows of B), which
+peft.PeftModel.from_pretrained(base, dir) loads and vLLM's --lora-modules takes; checked against peft's
+logits where peft is installed. --format=hf and gguf write a LoRA run with its adapters merged in.
 --format=gguf writes one llama.cpp file of its GPT-2 architecture (learned positions) or its Llama
 architecture (the Llama switches), float32, float16, q8_0 or q4_0 (the gguf package, imported only
 here), tokenizer and chat template included.
@@ -32,19 +37,22 @@ import pickle
 import re
 import shutil
 
+import copy
+
 import torch
 
 from checkpoint import load_checkpoint
 from configurator import configure, fail
 from engine import Engine, Row
-from hf import HF_CLASSES, gguf_arch, hf_arch, to_hf, to_theirs, with_biases
+from hf import HF_CLASSES, gguf_arch, hf_arch, to_hf, to_peft, to_theirs, with_biases
+from lora import LoRALinear, merge_lora
 from tokenizer import (SPECIAL_NAMES, SPLIT_PATTERN, byte_chars, gpt2_tokenizer, meta_path_for, read_meta,
                        tokenizer_from_meta)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export (train.py's out_dir)
-format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file)
-to = ''  # where to write it; '' = <out_dir>-hf or <out_dir>.gguf
+format = 'hf'  # 'hf' (a transformers directory) | 'gguf' (one llama.cpp file) | 'peft' (a LoRA run's adapters)
+to = ''  # where to write it; '' = <out_dir>-hf, <out_dir>.gguf or <out_dir>-peft
 dtype = 'float32'  # 'float32' | 'float16' | 'bfloat16' (hf only) | 'q8_0' (gguf only)
 overwrite = False  # replace an existing --to, when it is a previous export (never the run itself or other files)
 check = True  # compare the export's logits and greedy tokens with ours before putting it in place
@@ -215,6 +223,29 @@ def write_hf(model, v, meta, path, dtype='float32'):
             pickle.dump(meta, f)
 
 
+def peft_base_path(checkpoint):
+    """The transformers model a LoRA run's adapters go over: its base as train.py recorded it, or for a base
+    trained here (an out_dir) that base's own transformers export, <base>-hf."""
+    base = checkpoint['lora']['base']
+    return base + '-hf' if os.path.isfile(os.path.join(base, 'ckpt.pt')) else base
+
+
+def write_peft(model, checkpoint, path):
+    """A PEFT LoRA adapter directory for the adapters of `model` (loaded with merge=False)."""
+    from safetensors.torch import save_file
+    adapters = {name: (m.lora_A.detach().float(), m.lora_B.detach().float(), m.lora_scaling)
+                for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state, fields = to_peft(hf_arch(model.config), model.config, adapters)
+    lora = checkpoint['lora']
+    config = dict(peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=peft_base_path(checkpoint),
+                  lora_dropout=lora.get('dropout', 0.0), bias='none', inference_mode=True, use_rslora=False,
+                  use_dora=False, init_lora_weights=True, modules_to_save=None, layers_to_transform=None,
+                  layers_pattern=None, revision=None, **fields)
+    with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+    save_file(state, os.path.join(path, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+
+
 # llama.cpp's names for the split regexes of transformers' byte-level pre-tokenizers it rebuilds in C++
 # (llama-vocab.cpp); written by tokenizer.json as a ByteLevel with its regex, or a Split then a ByteLevel without
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -363,15 +394,19 @@ def ours_greedy(model, prompt, max_new_tokens, n):
     return row.tokens
 
 
-def hf_runner(path):
+def hf_runner(path, adapter=None):
     """(logits over a list of ids, greedy continuation of a prompt, encode text) through transformers,
-    from the exported directory. Greedy is plain argmax over a full forward per token: generate()
-    would stop at an end-of-text token, and the cache's argument name changes between versions."""
+    from the exported directory (adapter: a PEFT adapter directory over it, through peft). Greedy is plain
+    argmax over a full forward per token: generate() would stop at an end-of-text token, and the cache's
+    argument name changes between versions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
+    if adapter is not None:
+        from peft import PeftModel
+        hf = PeftModel.from_pretrained(hf, adapter).eval()
 
     def greedy(prompt, n):
         ids = list(prompt)
@@ -434,6 +469,21 @@ def compare(what, model, v, runner, tokenizer=None):
 
 # ---------------------------------------------------------------------------------------------
 
+def check_peft(model, v, path, base, tokenizer):
+    """peft's logits with the adapter over its base against ours, where peft and the base are here."""
+    try:
+        import peft  # noqa: F401  (a test dependency: the export itself needs only safetensors)
+    except ImportError:
+        print("peft is not installed: the adapter is not checked against peft")
+        return
+    if not os.path.isdir(base):
+        print(f"{base} is not a local transformers directory: the adapter is not checked against peft")
+        return
+    err, same, _ = compare('peft', model, v, hf_runner(base, adapter=path), None)
+    if err > 1e-4 or not same:
+        fail("the adapter over its base does not compute what our model does; nothing written")
+
+
 def check_target(dest):
     """Refuse a --to that is the model's own out_dir or a folder around it, and with --overwrite anything but
     a previous export (a transformers directory of its files only, or a GGUF file): nothing else is ever replaced."""
@@ -444,9 +494,10 @@ def check_target(dest):
         return
     if not overwrite:
         fail(f"{dest} exists: remove it, choose another --to, or --overwrite=True")
-    if format == 'hf':
+    if format in ('hf', 'peft'):
         names = os.listdir(dest) if os.path.isdir(dest) and not os.path.islink(dest) else None
-        previous = names is not None and 'config.json' in names and all(
+        marker = 'config.json' if format == 'hf' else 'adapter_config.json'
+        previous = names is not None and marker in names and all(
             re.fullmatch(r'[\w.-]+\.(json|safetensors|txt|pkl|jinja|model)', n) and os.path.isfile(os.path.join(dest, n))
             for n in names)
     else:
@@ -455,18 +506,21 @@ def check_target(dest):
             with open(dest, 'rb') as f:
                 previous = f.read(4) == b'GGUF'
     if not previous:
-        fail(f"{dest} is not a previous {'transformers' if format == 'hf' else 'GGUF'} export: --overwrite replaces only "
+        fail(f"{dest} is not a previous {dict(hf='transformers', peft='PEFT', gguf='GGUF')[format]} export: --overwrite replaces only "
              f"those; remove it yourself or choose another --to")
 
 
 def main():
-    if format not in ('hf', 'gguf'):
-        fail(f"format must be 'hf' or 'gguf', not '{format}'")
-    if dtype not in (TORCH_DTYPES if format == 'hf' else GGUF_FILE_TYPES):
+    if format not in ('hf', 'gguf', 'peft'):
+        fail(f"format must be 'hf', 'gguf' or 'peft', not '{format}'")
+    if dtype not in (GGUF_FILE_TYPES if format == 'gguf' else TORCH_DTYPES if format == 'hf' else ('float32',)):
         fail(f"dtype must be float32{', float16 or bfloat16' if format == 'hf' else ', float16, q8_0 or q4_0'}, "
-             f"not '{dtype}'")
+             f"not '{dtype}'" if format != 'peft' else f"--format=peft writes float32, not '{dtype}'")
     try:
-        model, checkpoint = load_checkpoint(out_dir)
+        model, checkpoint = load_checkpoint(out_dir, merge=format != 'peft')  # hf, gguf: the adapters merged in
+        if format == 'peft' and 'lora' not in checkpoint:
+            raise ValueError(f"--format=peft writes a LoRA run's adapters: {out_dir} holds a whole model (train.py "
+                             f"--lora_rank=N trains adapters)")
         meta_path = meta_path_for(out_dir, (checkpoint.get('config') or {}).get('dataset'))
         meta = read_meta(meta_path) if meta_path else None
         v = vocabulary(meta)
@@ -474,7 +528,7 @@ def main():
             tokenizer = tokenizer_from_meta(meta) if meta is not None else gpt2_tokenizer()
         except ValueError:  # a kind this tokenizer.py does not read: the export is not compared with it
             tokenizer = None
-        if format == 'hf':
+        if format in ('hf', 'peft'):
             hf_arch(model.config)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         fail(str(e))
@@ -482,7 +536,7 @@ def main():
     if not v['n'] <= model.config.vocab_size <= -(-v['n'] // 128) * 128:  # at most padding beyond the tokenizer's ids
         fail(f"the tokenizer ({v['kind']}, {v['n']} ids) does not fit the model's vocabulary of "
              f"{model.config.vocab_size}: is meta.pkl missing from the out_dir, or from another dataset?")
-    dest = to or os.path.normpath(out_dir) + ('-hf' if format == 'hf' else '.gguf')
+    dest = to or os.path.normpath(out_dir) + {'hf': '-hf', 'gguf': '.gguf', 'peft': '-peft'}[format]
     check_target(dest)
 
     # everything goes into a temporary path beside dest, renamed into place once written and checked
@@ -491,13 +545,19 @@ def main():
         if format == 'hf':
             os.makedirs(tmp)
             write_hf(model, v, meta, tmp, dtype)
+        elif format == 'peft':
+            os.makedirs(tmp)
+            write_peft(model, checkpoint, tmp)
+            model = merge_lora(copy.deepcopy(model))  # what the check compares with
         else:
             try:
                 import gguf  # noqa: F401  (llama.cpp's own writer, needed for this format only)
             except ImportError:
                 fail("--format=gguf needs the gguf package: pip install gguf")
             write_gguf(model, v, tmp, dtype, name=os.path.basename(os.path.normpath(out_dir)))
-        if check and format == 'hf':
+        if check and format == 'peft':
+            check_peft(model, v, tmp, peft_base_path(checkpoint), tokenizer)
+        elif check and format == 'hf':
             err, same, ids_same = compare('transformers', model, v, hf_runner(tmp), tokenizer)
             if dtype == 'float32' and (err > 1e-4 or not same or ids_same is False):
                 fail("the export does not compute what our model and tokenizer do; nothing written")
@@ -521,7 +581,8 @@ def main():
             shutil.rmtree(tmp)
         elif os.path.exists(tmp):
             os.remove(tmp)
-    what = f"{HF_CLASSES[hf_arch(model.config)]} directory" if format == 'hf' else 'GGUF file'
+    what = (f"{HF_CLASSES[hf_arch(model.config)]} directory" if format == 'hf' else 'GGUF file' if format == 'gguf' else
+            f"PEFT LoRA adapter over {peft_base_path(checkpoint)}")
     print(f"wrote {dest}: {what}, {dtype}, vocabulary of {v['n']} ({v['kind']})")
 
 

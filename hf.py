@@ -1,7 +1,8 @@
 """
 Our weight names and configs against transformers' (and llama.cpp's GGUF), one table per architecture,
 used in both directions: GPT.from_pretrained (model.py) reads transformers' weights through it, export.py
-writes transformers' and GGUF's, bench.py builds transformers' twin of a model.
+writes transformers' and GGUF's, bench.py builds transformers' twin of a model; LoRA adapters go to and come
+from PEFT's layout through the same table (to_peft, from_peft).
 
 The architectures our GPT computes, and their classes:
 - 'gpt2': GPT2LMHeadModel. Learned positions, LayerNorm, the same names as ours (nanoGPT kept them),
@@ -306,3 +307,115 @@ def to_hf(model, vocab_size=None, eot=None):
     ours['transformer.wte.weight'], ours['lm_head.weight'] = ours['transformer.wte.weight'][:n], ours['lm_head.weight'][:n]
     ours = fold_norm_gains(ours, cfg) if arch == 'nanochat' else with_biases(ours) if arch == 'gpt2' else ours
     return hf_config(cfg, n, eot), to_theirs(arch, cfg, ours)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's layout: each of their Linears its own A and B. A fused weight of ours splits by
+# its rows: every part keeps our A and takes its rows of B. The way back stacks their As and places their
+# Bs block-diagonally (the fused rank is the sum of theirs), each B scaled by its own alpha / r.
+
+PEFT_PREFIX = 'base_model.model.'
+
+
+def lora_modules(arch, cfg):
+    """[(our Linear's name, [(their Linear's name, transform), ...])] for every Linear a block holds."""
+    if arch not in ('gpt2', 'llama'):
+        raise ValueError(f"LoRA adapters in PEFT's layout are written for Llama and GPT-2 models, not '{arch}'")
+    return [(mine.removesuffix('.weight'), [(n.removesuffix('.weight'), how) for n, how in theirs])
+            for mine, theirs in table(arch, cfg) if mine.startswith('transformer.h.') and mine.endswith('.weight')
+            and '.ln_' not in mine]
+
+
+def lora_rows(how, b, head_dim):
+    # a B's rows are its Linear's output rows: a rotary flip acts on them; GPT-2's Conv1D keeps LoRA's shapes
+    return b if how == 'transpose' else transform(how, b, head_dim)
+
+
+def peft_target(name, all_names, chosen):
+    """The shortest suffix of their module name that names only modules the adapter covers (PEFT matches
+    target_modules by suffix): 'q_proj', or 'attn.c_proj' where 'c_proj' would take the MLP's too."""
+    parts = name.split('.')
+    for n in range(1, len(parts) + 1):
+        suffix = '.'.join(parts[-n:])
+        if all(m in chosen for m in all_names if m == suffix or m.endswith('.' + suffix)):
+            return suffix
+    return name
+
+
+def to_peft(arch, cfg, adapters):
+    """(PEFT's adapter state dict, the LoRA fields of its adapter_config.json) for our adapters,
+    {our Linear's name: (A, B, scaling)}."""
+    hd, state, ranks = cfg.n_embd // cfg.n_head, {}, {}
+    modules = lora_modules(arch, cfg)
+    uniform = len({(a.shape[0], float(s)) for a, _, s in adapters.values()}) == 1
+    for mine, theirs in modules:
+        if mine not in adapters:
+            continue
+        a, b, s = adapters[mine]
+        b = b if uniform else b * s  # ranks or scales that differ: each folded into its B, alpha = r
+        sizes = split_sizes(mine + '.weight', cfg, len(theirs))
+        for (name, how), part in zip(theirs, b.split(sizes) if sizes else [b]):
+            state[f'{PEFT_PREFIX}{name}.lora_A.weight'] = a.clone()  # each its own copy: safetensors shares none
+            state[f'{PEFT_PREFIX}{name}.lora_B.weight'] = lora_rows(how, part, hd).contiguous()
+            ranks[name] = a.shape[0]
+    all_names = [n for _, theirs in modules for n, _ in theirs]
+    targets = sorted({peft_target(n, all_names, ranks) for n in ranks})
+    r, s = next(iter(adapters.values()))[0].shape[0], float(next(iter(adapters.values()))[2])
+    fields = dict(r=r, lora_alpha=s * r if uniform else r, target_modules=targets, fan_in_fan_out=arch == 'gpt2',
+                  rank_pattern={} if uniform else ranks, alpha_pattern={} if uniform else ranks)
+    return state, fields
+
+
+def peft_setting(config, pattern, name, default):
+    """A per-module setting of adapter_config.json: the rank_pattern / alpha_pattern entry whose key ends the
+    module's name (PEFT's rule), else the config-wide value."""
+    import re
+    for key, value in (config.get(pattern) or {}).items():
+        if re.fullmatch(rf'(.*\.)?{key}', name):
+            return value
+    return default
+
+
+def from_peft(arch, cfg, config, theirs):
+    """Our adapter state ({name.lora_A, .lora_B, .lora_scaling}) from a PEFT LoRA adapter: adapter_config.json's
+    dict and its tensors. ValueError for what our LoRA does not compute (DoRA, LoRA biases, adapted
+    embeddings or heads, weights left over)."""
+    cannot = [what for what, present in [('use_dora', config.get('use_dora')), ('lora_bias', config.get('lora_bias')),
+                                         ('modules_to_save', config.get('modules_to_save')),
+                                         (f"peft_type {config.get('peft_type')}", config.get('peft_type', 'LORA') != 'LORA')]
+              if present]
+    if cannot:
+        raise ValueError(f"this adapter uses {cannot[0]}: only plain LoRA adapters on Linears load here")
+    hd, out, used = cfg.n_embd // cfg.n_head, {}, set()
+    theirs = {k.replace('.lora_A.default.', '.lora_A.').replace('.lora_B.default.', '.lora_B.'): v
+              for k, v in theirs.items()}
+    for mine, parts in lora_modules(arch, cfg):
+        sizes = split_sizes(mine + '.weight', cfg, len(parts)) or [None]
+        As, Bs, rank = [], [], 0
+        for (name, how), rows in zip(parts, sizes):
+            a_key, b_key = f'{PEFT_PREFIX}{name}.lora_A.weight', f'{PEFT_PREFIX}{name}.lora_B.weight'
+            if a_key not in theirs:
+                Bs.append((rows, None))
+                continue
+            a, b = theirs[a_key].float(), theirs[b_key].float()
+            r = peft_setting(config, 'rank_pattern', name, config.get('r', a.shape[0]))
+            alpha = peft_setting(config, 'alpha_pattern', name, config.get('lora_alpha', r))
+            scale = alpha / (r ** 0.5 if config.get('use_rslora') else r)
+            As.append(a)
+            Bs.append((b.shape[0], lora_rows(how, b * scale, hd)))
+            used.update((a_key, b_key))
+            rank += a.shape[0]
+        if not As:
+            continue
+        B, col = torch.zeros(sum(rows for rows, _ in Bs), rank), 0
+        row = 0
+        for rows, b in Bs:
+            if b is not None:
+                B[row:row + rows, col:col + b.shape[1]] = b
+                col += b.shape[1]
+            row += rows
+        out.update({f'{mine}.lora_A': torch.cat(As), f'{mine}.lora_B': B, f'{mine}.lora_scaling': torch.tensor(1.0)})
+    left = sorted(set(theirs) - used)
+    if left:
+        raise ValueError(f"{left[0]} is not a LoRA weight of a Linear this model has{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}")
+    return out

@@ -11,11 +11,11 @@ import sys
 import time
 
 from calculator import tool_calls
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_pretrained, peft_base
 from common import check_device_dtype
 from engine import Engine, Row, beam_rows
 from inference import for_inference
-from model import GPT, GPTConfig
+from model import GPTConfig
 from tokenizer import check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir
 
 
@@ -33,10 +33,11 @@ def load_model(init_from='resume', out_dir='out', device='cpu', dtype='float32',
     elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count('/') == 1:
         if not init_from.startswith('gpt2'):
             init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M-Instruct'): downloaded once
-        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+        model = load_pretrained(init_from)  # a PEFT adapter directory: its base, the adapter merged in
         info = {'source': init_from, 'model_args': {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}}
-        # export.py leaves meta.pkl; a Llama model has its tokenizer.json
-        tokenizer = load_tokenizer(init_from) if os.path.isdir(init_from) else gpt2_tokenizer()
+        # export.py leaves meta.pkl; a Llama model has its tokenizer.json; a PEFT adapter its base's
+        tokenizer_dir = pretrained_dir(peft_base(init_from)) if peft_base(init_from) else init_from
+        tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else gpt2_tokenizer()
     else:
         raise ValueError(f"init_from must be 'resume', a gpt2 name, a local transformers directory or a hub id "
                          f"(owner/name), not '{init_from}'")

@@ -30,11 +30,12 @@ import torch
 from torch.distributed import destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (SaveError, load_checkpoint, load_optimizer_state, remove_old_shards, save_checkpoint,
-                        save_shards, saved_model_args)
+from checkpoint import (SaveError, load_checkpoint, load_optimizer_state, load_pretrained, peft_base, remove_old_shards,
+                        save_checkpoint, save_shards, saved_model_args)
 from common import (autocast, check_training_settings, close_progress, compiled, init_distributed, lock_out_dir, lr_at,
-                    nonfinite, progress_bar, resolve_dtype, set_peak_lrs, stable_seed)
+                    nonfinite, peak_memory, progress_bar, reset_peak_memory, resolve_dtype, set_peak_lrs, stable_seed)
 from configurator import configure, fail
+from lora import TARGETS as LORA_TARGETS, LoRALinear, add_lora, has_lora, lora_state, trainable
 from model import GPT, GPTConfig
 from tasks.bpb import tokens_per_byte as targets_per_byte, windowed_loss
 from tokenizer import (check_vocab, gpt2_tokenizer, load_tokenizer, pretrained_dir, read_meta, same_tokenizer,
@@ -81,6 +82,12 @@ rms_norm_eps = 1e-6  # the epsilon of norm='rmsnorm'
 logit_softcap = 0.0
 tie_embeddings = True
 embed_norm = False  # RMS-normalise the token embedding (with use_rope, norm='rmsnorm', qk_norm: nanochat's model)
+# LoRA (lora.py): freeze the base model (init_from) and train low-rank adapters on its Linears; the checkpoint
+# holds the adapters and names the base, and every script that loads out_dir merges them in
+lora_rank = 0  # 0: off, full fine-tuning
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'all'  # 'attn' | 'mlp' | 'all': which Linears of every block get adapters
 # optimizer
 optimizer = 'adamw'  # 'adamw' | 'muon'
 learning_rate = 6e-4  # max learning rate (AdamW's; with muon, the embeddings' and head's)
@@ -131,6 +138,13 @@ if ddp:
     gradient_accumulation_steps //= ddp_world_size
 elif fsdp:
     fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
+LORA_FSDP = "lora_rank with fsdp=True is not supported: the frozen base needs no sharded optimizer state, use DDP"
+lora_problems = [f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not '{lora_targets}'"] * (
+    lora_targets not in LORA_TARGETS) + [f"lora_alpha must be > 0, not {lora_alpha}"] * (lora_alpha <= 0) + [
+    "lora_rank trains adapters over a base model: set init_from (a model's out_dir, a transformers or PEFT "
+    "directory, a gpt2 name)"] * (init_from == 'scratch') + [LORA_FSDP] * fsdp
+if lora_rank and lora_problems:
+    fail(lora_problems[0])
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 
@@ -248,10 +262,16 @@ elif init_from == 'resume':
         print(f"Resuming training from {out_dir}")
     # the architecture comes from the checkpoint; the rest of the settings from this run
     try:  # dropout is a training setting: this run's, if it sets one
-        model, checkpoint = load_checkpoint(out_dir, device,
+        model, checkpoint = load_checkpoint(out_dir, device, merge=False,
                                             dropout=None if dropout == architecture_defaults['dropout'] else dropout)
     except ValueError as e:
         fail(str(e))
+    lora_base = (checkpoint.get('lora') or {}).get('base')
+    if lora_rank and (lora_base is None or lora_rank != checkpoint['lora']['rank']):
+        fail(f"{ckpt_path} was trained with lora_rank={(checkpoint.get('lora') or {}).get('rank', 0)}: drop lora_rank "
+             f"to resume it, or train in a new out_dir")
+    lora = checkpoint.get('lora') or {}
+    lora_rank, lora_alpha, lora_targets = lora.get('rank', 0), lora.get('alpha', lora_alpha), lora.get('targets', lora_targets)
     # an architecture setting this run changed from its default must agree with the checkpoint;
     # block_size may shrink (below)
     saved = model.config
@@ -270,6 +290,7 @@ elif os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         fail("init_from is this run's out_dir: use init_from='resume' to continue it, or pick another out_dir")
     if master_process:
         print(f"Fine-tuning {init_from}/ckpt.pt: a new run from its weights")
+    lora_base = os.path.abspath(init_from)
     try:  # the architecture and the weights from the checkpoint; iteration 0 and a new optimizer here
         model, base = load_checkpoint(init_from, device,
                                       dropout=None if dropout == architecture_defaults['dropout'] else dropout)
@@ -289,14 +310,20 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from) or init_from.count
     if master_process:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:  # the architecture comes from the directory's config.json, whatever the settings say
+        lora_base = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from  # a hub id stays one
         if not init_from.startswith('gpt2'):
             init_from = pretrained_dir(init_from)  # a hub id ('HuggingFaceTB/SmolLM2-135M'): downloaded once
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        # a PEFT adapter directory: its base with the adapter, trained on as LoRA (lora_rank=0: merged, all trained)
+        model = load_pretrained(init_from, dropout, merge=not lora_rank)
+        if has_lora(model):
+            lora_base, lora_rank = peft_base(init_from), max(m.lora_A.shape[0] for m in model.modules()
+                                                              if isinstance(m, LoRALinear))
         # a model with its own tokenizer (a Llama model's tokenizer.json, export.py's meta.pkl) learns only from data in it
-        if os.path.isdir(init_from) and {'meta.pkl', 'tokenizer.json'} & set(os.listdir(init_from)):
-            if not same_tokenizer(load_tokenizer(init_from), dataset_tokenizer()):
-                raise ValueError(f"{init_from} has another tokenizer than {data_dir}: prepare the data with it (for "
-                                 f"conversations: data/chat/prepare.py --template_from={init_from})")
+        tokenizer_dir = pretrained_dir(peft_base(init_from)) if peft_base(init_from) else init_from
+        if os.path.isdir(tokenizer_dir) and {'meta.pkl', 'tokenizer.json'} & set(os.listdir(tokenizer_dir)):
+            if not same_tokenizer(load_tokenizer(tokenizer_dir), dataset_tokenizer()):
+                raise ValueError(f"{tokenizer_dir} has another tokenizer than {data_dir}: prepare the data with it (for "
+                                 f"conversations: data/chat/prepare.py --template_from={tokenizer_dir})")
             check_vocab(dataset_tokenizer(), model.config.vocab_size)
     except (ValueError, OSError) as e:
         fail(str(e))
@@ -310,6 +337,18 @@ elif block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's {model.config.block_size}")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
 config.update({k: model_args[k] for k in architecture_defaults})  # the checkpoint records what this run trains
+if lora_rank and fsdp:  # a resumed LoRA run too
+    fail(LORA_FSDP)
+if lora_rank and not has_lora(model):
+    add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+for module in model.modules():
+    if isinstance(module, LoRALinear):
+        module.lora_dropout.p = lora_dropout  # a training setting: this run's, on a resume too
+config['lora_rank'] = lora_rank
+if master_process:
+    n_trained, n_all = trainable(model)
+    print(f"trainable parameters: {n_trained:,} of {n_all:,} ({n_trained / n_all:.2%})"
+          + (f": LoRA adapters of rank {lora_rank} over the frozen {lora_base}" if lora_rank else ''))
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     n_tokens = os.path.getsize(path) // data_dtype.itemsize
@@ -445,7 +484,8 @@ def save():
                 raise KeyboardInterrupt(pending_signal)
             return
     checkpoint = {
-        'model': model_state if fsdp else raw_model.state_dict(),
+        # a LoRA run: the adapters alone, and (below) the base they adapt
+        'model': model_state if fsdp else lora_state(raw_model) if lora_rank else raw_model.state_dict(),
         # under FSDP the optimizer state stays in the shards: no one downstream needs it consolidated
         **({'shards': shards} if fsdp else {'optimizer': optimizer.state_dict()}),
         'model_args': saved_model_args(model_args),
@@ -454,6 +494,8 @@ def save():
         'best_val_loss': best_val_loss,
         'config': config,
         'scaler': scaler.state_dict(),
+        **({'lora': dict(base=lora_base, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                         targets=lora_targets)} if lora_rank else {}),
     }
     # crash-safe (checkpoint.write_checkpoint): a kill at any moment leaves either the old or the new checkpoint, whole
     saving = True
@@ -513,6 +555,7 @@ bar = progress_bar(max_iters, iter_num) if master_process and not eval_only else
 mfu_peak = peak_flops or (312e12 if device_type == 'cuda' else 0.0)
 
 # training loop
+reset_peak_memory(device)  # what training holds, not what loading the model did
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = -1.0
@@ -597,6 +640,8 @@ try:
                 rate = bar.format_dict['rate']  # iterations/s, smoothed as for the ETA (evaluations included)
                 speed = f", {rate * tokens_per_iter:,.0f} tok/s" if rate else ''
                 bar.set_postfix_str(f"loss {lossf:.4f}{speed}{mfu_text}", refresh=False)
+        if local_iter_num == 1 and master_process:  # the optimizer's state exists from the first step on
+            print(f"peak memory over the first two steps: {peak_memory(device)}")
         if bar is not None:
             bar.update(1)
         iter_num += 1
