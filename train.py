@@ -62,6 +62,8 @@ gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, split acr
 batch_size = 12  # micro-batch size
 block_size = 1024
 seed = 1337
+chat_loss = 'replies'  # a chat dataset's loss: on the assistant's tokens ('replies', SFT) or on every token ('all':
+#   midtraining, which also learns the chat and tool tokens and the questions' text, as nanochat's midtraining does)
 # model
 n_layer = 12
 n_head = 12
@@ -165,6 +167,8 @@ for split in ('train', 'val'):
         fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
 # a chat dataset (data/chat/prepare.py) has masks: the loss counts only the assistant's tokens
 masked = os.path.exists(os.path.join(data_dir, 'train_mask.bin'))
+if chat_loss not in ('replies', 'all'):
+    fail(f"chat_loss must be 'replies' or 'all', not {chat_loss!r}")
 for split in ('train', 'val') if masked else ():
     path = os.path.join(data_dir, f'{split}_mask.bin')
     if not os.path.exists(path) or os.path.getsize(path) != os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize:
@@ -198,7 +202,7 @@ def check_ids(window, split):
 def masked_targets(split, ix, y):
     """The targets of windows starting at ix; with masks, -1 (ignored by the loss) where the
     target is not the assistant's."""
-    if masked:
+    if masked and chat_loss == 'replies':
         mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
         y = np.where(mask[ix[:, None] + np.arange(1, y.shape[1] + 1)] == 1, y, -1)
     return torch.from_numpy(np.ascontiguousarray(y))
@@ -337,7 +341,7 @@ def tokens_per_byte():
         print(f"no bits per byte: cannot load the tokenizer ({type(e).__name__}: {e})")
         return None
     targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
-    if masked:
+    if masked and chat_loss == 'replies':
         targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
     return targets_per_byte(targets, lengths)
 
@@ -415,7 +419,7 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked else None
+    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked and chat_loss == 'replies' else None
     raw_model.eval()
     try:
         loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)
