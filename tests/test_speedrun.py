@@ -1,0 +1,104 @@
+"""
+speedrun.sh end to end at SMOKE size (a few iterations a stage, on the Tiny Shakespeare text and the built-in
+chat tasks, CORE on a small bundle written here): report.md has every stage's row filled from what ran; a second
+run skips every finished stage; a run stopped during RL (its marker and the evaluation's gone, a partial out_dir
+left) redoes only RL and the evaluation; one stage alone (--stage=); bad arguments are one line.
+"""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from conftest import REPO, SHAKESPEARE
+
+STAGES = ['tok', 'base', 'mid', 'sft', 'rl', 'eval']
+
+
+def speedrun(out, *args, **env):
+    full = dict(os.environ, OUT=str(out), SMOKE='1', SIZE='cpu', OMP_NUM_THREADS='1', BASE_TEXT=str(SHAKESPEARE))
+    full.update(env)
+    return subprocess.run(['bash', str(REPO / 'speedrun.sh'), *args], capture_output=True, text=True, env=full, timeout=600)
+
+
+def write_bundle(root):
+    """Three tiny CORE tasks in DCLM's format, one of each kind."""
+    rows = {'mc': [dict(query=f"Question {i}: which?", choices=['red', 'green', 'blue'], gold=i % 3) for i in range(8)],
+            'schema': [dict(context_options=[f'The cat {i}', f'The dog {i}'], continuation='sat.', gold=i % 2) for i in range(8)],
+            'lm': [dict(context=f'One two three {i}', continuation=' four') for i in range(8)]}
+    (root / 'eval_data').mkdir(parents=True)
+    for name, r in rows.items():
+        (root / 'eval_data' / f'{name}.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in r))
+    (root / 'core.yaml').write_text(
+        'icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  num_fewshot: [2]\n  icl_task_type: multiple_choice\n'
+        '  continuation_delimiter: "\\nAnswer: "\n- label: schema\n  dataset_uri: schema.jsonl\n  num_fewshot: [1]\n'
+        '  icl_task_type: schema\n- label: lm\n  dataset_uri: lm.jsonl\n  num_fewshot: [0]\n  icl_task_type: language_modeling\n')
+    (root / 'eval_meta_data.csv').write_text('Eval Task,Random baseline\nmc,33.3\nschema,50\nlm,0\n')
+    return root
+
+
+def tables(report):
+    """{section: [row cells]} of report.md's tables."""
+    out, section = {}, None
+    for line in report.splitlines():
+        if line.startswith('## '):
+            section = line[3:]
+        elif line.startswith('| ') and section:
+            out.setdefault(section, []).append([c.strip() for c in line.strip('|').split(' | ')])
+    return {k: v[1:] for k, v in out.items()}  # the header row off
+
+
+def mtimes(out):
+    return {p: os.path.getmtime(out / p) for p in ('base/ckpt.pt', 'mid/ckpt.pt', 'sft/ckpt.pt', 'rl/ckpt.pt', 'data/base/train.bin')}
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare/input.txt not present")
+def test_speedrun_report_resume_and_stages(tmp_path):
+    out, bundle = tmp_path / 'run', write_bundle(tmp_path / 'bundle')
+    proc = speedrun(out, CORE_DIR=str(bundle))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / 'report.md').read_text()
+    t = tables(report)
+    assert [r[0] for r in t['Stages']] == STAGES and [r[0] for r in t['Training']] == ['base', 'mid', 'sft', 'rl']
+    assert [r[0] for r in t['Scores']] == ['base', 'mid', 'sft', 'rl'] and [r[0] for r in t['CORE by task']] == ['mc', 'schema', 'lm']
+    for section, rows in t.items():
+        for row in rows:
+            assert all(c and 'not run' not in c for c in row), (section, row)
+    for row in t['Training']:  # tokens seen, parameters, losses, bits per byte: numbers from the run
+        assert re.match(r'[\d,.]+[MB]?( sampled)?$', row[1]) and re.match(r'[\d,.]+[MB]?$', row[2]), row
+        assert all(re.search(r'\d\.\d{4}', c) for c in row[3:]), row
+    for row in t['Stages']:
+        assert row[1].startswith('`') and re.match(r'[\d.]+ s$|\d+ min', row[2]), row
+    assert 'speedrun_cpu_mid.py' in t['Stages'][2][1] and 'speedrun_cpu_sft.py' in t['Stages'][3][1]
+    configs = {s: torch.load(out / s / 'ckpt.pt', weights_only=True)['config'] for s in ('mid', 'sft')}
+    assert (configs['mid']['chat_loss'], configs['sft']['chat_loss']) == ('all', 'replies')  # midtraining, then SFT
+    assert re.match(r'-?\d\.\d{4}$', t['Scores'][0][1]) and t['Scores'][2][1] == '-'  # CORE: base and mid only
+    assert 'PyTorch' in report and re.search(r'commit: [0-9a-f]{40}', report) and 'cores' in report
+    marks = {s: json.loads((out / 'stages' / f'{s}.json').read_text()) for s in STAGES}
+    assert all(m['wall_s'] > 0 for m in marks.values())
+
+    # again: every stage skipped, nothing rewritten, the report written again
+    before = mtimes(out)
+    again = speedrun(out, CORE_DIR=str(bundle))
+    assert again.returncode == 0 and all(f"== {s}: done" in again.stdout for s in STAGES), again.stdout[-2000:]
+    assert mtimes(out) == before and (out / 'report.md').read_text().split('- written')[0] == report.split('- written')[0]
+
+    # stopped during RL: its marker and the evaluation's are missing, a partial rl/ is left
+    (out / 'stages' / 'rl.json').unlink()
+    (out / 'stages' / 'eval.json').unlink()
+    (out / 'rl' / 'ckpt.pt').write_bytes(b'partial')
+    resumed = speedrun(out, CORE_DIR=str(bundle))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert all(f"== {s}: done" in resumed.stdout for s in STAGES[:4]) and "== rl: python" in resumed.stdout
+    after = mtimes(out)
+    assert all(after[p] == before[p] for p in before if not p.startswith('rl/')) and after['rl/ckpt.pt'] != before['rl/ckpt.pt']
+    assert (out / 'stages' / 'eval.json').exists() and 'not run' not in (out / 'report.md').read_text()
+
+    # one stage alone: the others are not touched
+    alone = speedrun(out, '--stage=tok', CORE_DIR=str(bundle))
+    assert alone.returncode == 0 and '== tok: python' in alone.stdout and '== base' not in alone.stdout
+    for args, env in ((['--stage=nope'], {}), (['--bogus'], {}), ([], {'SIZE': 'tpu'})):
+        bad = speedrun(out, *args, **env)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith('error: '), bad.stderr
