@@ -40,14 +40,16 @@ if [ "$SIZE" = gpu ]; then
   NGPU=$(nvidia-smi -L | grep -c '^GPU')
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   TRAIN="torchrun --standalone --nproc_per_node=$NGPU"
-  # FineWeb-Edu's 10B-token sample in GPT-2's BPE; the chat stages append the chat tokens (vocab room: 50304)
+  # FineWeb-Edu's 10B-token sample (or BASE_TEXT: your text) in GPT-2's BPE; the chat stages append the chat
+  # tokens (the model's 50304 rows have room)
   TOK_CMD="$PY $REPO/data/openwebtext/prepare.py --dataset_name=parquet --num_proc=16 --out_dir=data/base \
 --data_files='hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet'"
+  [ -n "${BASE_TEXT:-}" ] && TOK_CMD="$PY $REPO/data/custom/prepare.py --input=$BASE_TEXT --tokenizer=gpt2 --out_dir=data/base"
   MID_MIX=${MID_MIX:-smoltalk,mmlu,gsm8k,arith*0.25,products*0.25}
   SFT_MIX=${SFT_MIX:-smoltalk*0.1,arc_easy,arc_challenge,gsm8k,arith*0.05,products*0.05}
   RL_MIX=${RL_MIX:-gsm8k}
   CHAT_N=${CHAT_N:-40000}
-  CHAT_TASKS=${CHAT_TASKS:-arc_easy,arc_challenge,mmlu,gsm8k,humaneval}  # nanochat's ChatCORE (less SpellingBee)
+  CHAT_TASKS=${CHAT_TASKS-arc_easy,arc_challenge,mmlu,gsm8k,humaneval}  # nanochat's ChatCORE (less SpellingBee)
   EVAL_LIMIT=${EVAL_LIMIT:-0}
   CORE_DIR=${CORE_DIR:-}  # '': chat_eval.py downloads the bundle once
   RUN_CORE=1
@@ -64,7 +66,7 @@ else
   SFT_MIX=${SFT_MIX:-arith,products}
   RL_MIX=${RL_MIX:-products}
   CHAT_N=${CHAT_N:-20000}
-  CHAT_TASKS=${CHAT_TASKS:-}
+  CHAT_TASKS=${CHAT_TASKS-}  # hub benchmarks to add (downloaded), e.g. arc_easy,gsm8k
   EVAL_LIMIT=${EVAL_LIMIT:-200}  # questions a task (CORE: rows a task)
   CORE_DIR=${CORE_DIR:-}
   RUN_CORE=$([ -n "$CORE_DIR" ] && echo 1 || echo 0)
@@ -125,6 +127,6 @@ stage tok "$TOK_CMD"
 stage base "$(train base $BASE_EXTRA)"
 stage mid "$CHAT_PREP --mix=$MID_MIX --out_dir=data/mid && $(train mid)"
 stage sft "$CHAT_PREP --mix=$SFT_MIX --out_dir=data/sft && $(train sft)"
-stage rl "$CHAT_PREP --mix=$RL_MIX --out_dir=data/rl && rm -rf rl && $PY $REPO/rl.py $REPO/config/speedrun_${SIZE}_rl.py $RL_EXTRA"
+stage rl "$CHAT_PREP --mix=$RL_MIX --out_dir=data/rl && rm -rf rl && $TRAIN $REPO/rl.py $REPO/config/speedrun_${SIZE}_rl.py $RL_EXTRA"
 stage eval "for t in $BUILT_IN; do $EVAL_PREP --task=\$t --out_dir=data/eval_\$t; done && for m in base mid sft rl; do evaluate \$m; done"
 $PY "$REPO/report.py" --out="$OUT"

@@ -1,7 +1,7 @@
 # speedrun.sh's GPU run, base pretraining: nanochat's depth-20 shape (20 layers of 1280, 10 heads of 128,
 # rotary, RMSNorm, QK-norm, ReLU^2, untied head, normalised embedding, logits capped at 15, Muon for the
-# matrices) on FineWeb-Edu in GPT-2's BPE (data/openwebtext/prepare.py), ~560M parameters. 21,400 steps of
-# 524,288 tokens = 11.2B tokens, 20 per parameter (Chinchilla), as nanochat's d20. On 8 H100s (torchrun,
+# matrices) on FineWeb-Edu in GPT-2's BPE (data/openwebtext/prepare.py), 522M parameters. 21,400 steps of
+# 524,288 tokens = 11.2B tokens, 21 per parameter (Chinchilla's 20), as nanochat's d20. On 8 H100s (torchrun,
 # DDP): the batch is 8 GPUs x 32 x 2048 tokens, no accumulation.
 out_dir = 'base'
 dataset = 'base'
