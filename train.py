@@ -119,6 +119,8 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 
 # settings that cannot work stop here, before any work, with one line (the checks every training script shares)
 check_training_settings(globals())
+if chat_loss not in ('replies', 'all'):
+    fail(f"chat_loss must be 'replies' or 'all', not {chat_loss!r}")
 dtype, ptdtype = resolve_dtype(device, dtype)
 
 # various inits, derived attributes, I/O setup
@@ -167,8 +169,6 @@ for split in ('train', 'val'):
         fail(f"{path} not found: run 'python {os.path.join(data_dir, 'prepare.py')}' first")
 # a chat dataset (data/chat/prepare.py) has masks: the loss counts only the assistant's tokens
 masked = os.path.exists(os.path.join(data_dir, 'train_mask.bin'))
-if chat_loss not in ('replies', 'all'):
-    fail(f"chat_loss must be 'replies' or 'all', not {chat_loss!r}")
 for split in ('train', 'val') if masked else ():
     path = os.path.join(data_dir, f'{split}_mask.bin')
     if not os.path.exists(path) or os.path.getsize(path) != os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // data_dtype.itemsize:
@@ -419,7 +419,9 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked and chat_loss == 'replies' else None
+    mask = None
+    if masked and chat_loss == 'replies':
+        mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')
     raw_model.eval()
     try:
         loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)

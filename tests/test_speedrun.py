@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +103,34 @@ def test_speedrun_report_resume_and_stages(tmp_path):
     for args, env in ((['--stage=nope'], {}), (['--bogus'], {}), ([], {'SIZE': 'tpu'})):
         bad = speedrun(out, *args, **env)
         assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith('error: '), bad.stderr
+
+
+def test_midtraining_counts_every_token(tmp_path):
+    """chat_loss='all' (midtraining): the loss over every token of the conversations; 'replies' (SFT, the
+    default): over the assistant's tokens only. Each run's full val loss equals windowed_loss on its checkpoint
+    with the mask or without; a bad value is one line."""
+    import numpy as np
+    from checkpoint import load_checkpoint
+    from tasks.bpb import windowed_loss
+    run = lambda *a, **kw: subprocess.run([sys.executable, *map(str, a)], cwd=tmp_path, capture_output=True, text=True,  # noqa: E731
+                                          env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300, **kw)
+    prep = run(REPO / 'data/chat/prepare.py', '--task=arith', '--n_train=300', '--n_val=30', '--vocab_size=300',
+               f'--out_dir={tmp_path / "data" / "chat"}')
+    assert prep.returncode == 0, prep.stderr
+    data = np.memmap(tmp_path / 'data/chat/val.bin', dtype=np.uint16, mode='r')
+    mask = np.memmap(tmp_path / 'data/chat/val_mask.bin', dtype=np.uint8, mode='r')
+    assert 0 < (mask == 1).mean() < 0.9
+    losses = {}
+    for how in ('all', 'replies'):
+        proc = run(REPO / 'train.py', '--dataset=chat', f'--out_dir=out-{how}', f'--chat_loss={how}', '--device=cpu',
+                   '--compile=False', '--dtype=float32', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=64',
+                   '--batch_size=4', '--max_iters=3', '--eval_interval=3', '--eval_iters=2', '--warmup_iters=1',
+                   '--eval_full_val=True')
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[how] = float(re.search(r'full val loss ([\d.]+)', proc.stdout)[1])
+        model, _ = load_checkpoint(tmp_path / f'out-{how}', 'cpu')
+        model.eval()
+        expected, _ = windowed_loss(model, data, 64, 4, 'cpu', mask=None if how == 'all' else mask)
+        assert abs(losses[how] - expected) < 1e-3, (how, losses[how], expected)
+    bad = run(REPO / 'train.py', '--dataset=chat', '--chat_loss=prompts', '--device=cpu')
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["error: chat_loss must be 'replies' or 'all', not 'prompts'"]
