@@ -79,6 +79,13 @@ def test_speedrun_report_resume_and_stages(tmp_path):
     assert 'PyTorch' in report and re.search(r'commit: [0-9a-f]{40}', report) and 'cores' in report
     marks = {s: json.loads((out / 'stages' / f'{s}.json').read_text()) for s in STAGES}
     assert all(m['wall_s'] > 0 for m in marks.values())
+    # every stage's model loads in sample.py: the base model continues text, the later ones chat
+    for model in ('base', 'mid', 'sft', 'rl'):
+        args = ['--start=To be', '--num_samples=1'] if model == 'base' else ['--chat=True']
+        sample = subprocess.run([sys.executable, str(REPO / 'sample.py'), f'--out_dir={out / model}', '--device=cpu',
+                                 '--max_new_tokens=8', *args], input='What is 12 + 34?\n', capture_output=True, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
+        assert sample.returncode == 0 and sample.stdout.strip(), (model, sample.stderr[-1000:])
 
     # again: every stage skipped, nothing rewritten, the report written again
     before = mtimes(out)
