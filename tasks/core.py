@@ -30,7 +30,7 @@ KINDS = ('multiple_choice', 'schema', 'language_modeling')
 
 
 def download(data_dir):
-    """The bundle into data_dir, once (about 90 MB unzipped); OSError when it cannot be fetched."""
+    """The bundle into data_dir, once; OSError when it cannot be fetched."""
     os.makedirs(os.path.dirname(os.path.abspath(data_dir)), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(data_dir))) as tmp:
         archive = os.path.join(tmp, 'eval_bundle.zip')

@@ -156,3 +156,18 @@ def test_command_line_table_json_and_errors(bundle, tmp_path):
                           *args, '--device=cpu', check=False, env={'OMP_NUM_THREADS': '1'})
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and says in lines[0], (args, proc.stderr)
+
+
+def test_download_unpacks_the_bundle_once(bundle, tmp_path, monkeypatch):
+    """download() fetches the zip (here a file:// URL standing in for nanochat's), unpacks its eval_bundle/ folder
+    to the destination whole, and load_bundle reads it as the local copy."""
+    import shutil
+    # the archive holds eval_bundle/...: as nanochat's does
+    shutil.copytree(bundle['dir'], tmp_path / 'src' / 'eval_bundle')
+    shutil.make_archive(str(tmp_path / 'real'), 'zip', tmp_path / 'src', 'eval_bundle')
+    monkeypatch.setattr(core, 'BUNDLE_URL', (tmp_path / 'real.zip').as_uri())
+    dest = tmp_path / 'cache' / 'core_eval_bundle'
+    core.download(str(dest))
+    assert sorted(os.listdir(dest)) == ['core.yaml', 'eval_data', 'eval_meta_data.csv']
+    assert [t['label'] for t in core.load_bundle(str(dest))] == ['mc', 'schema', 'lm']
+    assert os.listdir(tmp_path / 'cache') == ['core_eval_bundle']  # no temporary left beside it
