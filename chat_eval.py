@@ -7,6 +7,8 @@ conversations. One table per task, then the centered mean (accuracy above chance
             gsm8k, humaneval                           answers generated greedily, then checked or run
             jsonl                                      your conversations (--input): the reply must equal the last message
             bpb                                        bits per byte on a dataset split or a text file (tasks/bpb.py)
+            core                                       CORE: DCLM's in-context tasks as nanochat scores a base model
+                                                       (tasks/core.py; the bundle from --data_dir, else downloaded once)
   --mode=   base: multiple choice as lm-eval-harness scores it, from the log-likelihood of each option as the
                   continuation of its prompt (acc; acc_norm divides by the option's length in characters), with
                   --num_fewshot examples before it; gsm8k and humaneval continue lm-eval-harness's prompts.
@@ -20,6 +22,7 @@ $ python chat_eval.py --out_dir=out-chat --input=data/chat/val.jsonl           #
 $ python chat_eval.py --out_dir=out-chat --task=arc_easy,arc_challenge,mmlu,gsm8k,humaneval
 $ python chat_eval.py --init_from=gpt2 --task=hellaswag,arc_easy --mode=base --dtype=float32
 $ python chat_eval.py --out_dir=out-chat --task=arc_easy --data_files=arc_easy_test.jsonl
+$ python chat_eval.py --out_dir=out --task=core --limit=100 --json_out=core.json   # CORE, 100 rows a task
 $ python chat_eval.py --url=http://127.0.0.1:8080 --out_dir=out-chat --task=arc_easy   # through serve.py
 """
 import json
@@ -27,6 +30,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,7 +39,7 @@ import torch
 from configurator import configure, fail
 from engine import continuation_logprobs
 from textgen import generate_text, load_model
-from tasks import arc, gsm8k, hellaswag, humaneval, mmlu
+from tasks import arc, core, gsm8k, hellaswag, humaneval, mmlu
 from tasks.bpb import windowed_loss
 from tasks.common import load_rows, multiple_choice, pick_shots, with_shots
 from tokenizer import check_vocab, content_text, gpt2_tokenizer, load_tokenizer, read_conversations, render_chat
@@ -58,6 +62,7 @@ batch_size = 64  # sequences per forward, conversations answered together (with 
 timeout = 10.0  # seconds each HumanEval program may run
 show_wrong = 5  # wrong generated answers to print per task
 json_out = ''  # also write {task: {metric: value}} here
+data_dir = ''  # core: DCLM's eval bundle (core.yaml, eval_data/, eval_meta_data.csv); '' = tasks/core.py's cache, downloaded once
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # as serve.py: bfloat16 where the CPU or GPU computes it natively, else float32
 tools = True  # answer the model's calculator calls (False: the model must do without; in process only)
@@ -69,10 +74,11 @@ if __name__ == '__main__':
 CHOICE = {'arc_easy': (arc, 'ARC-Easy'), 'arc_challenge': (arc, 'ARC-Challenge'), 'mmlu': (mmlu, 'all'),
           'hellaswag': (hellaswag, None)}
 GENERATE = {'gsm8k': (gsm8k, 'main'), 'humaneval': (humaneval, None)}
-TASKS = [*CHOICE, *GENERATE, 'jsonl', 'bpb']
+TASKS = [*CHOICE, *GENERATE, 'jsonl', 'bpb', 'core']
 model = tokenizer = info = None  # set by main: in process, the model; with url, only the tokenizer (when needed)
 block_size = None  # the model's context (with url: the server's)
 lossy = set()  # texts that lost characters a character-level vocabulary lacks
+core_tasks = {}  # core: each task's label -> its figures (for json_out)
 
 
 # -----------------------------------------------------------------------------
@@ -323,6 +329,48 @@ def run_bpb():
     return dict(bpb=bits, loss=loss), None, len(data)
 
 
+def core_bundle():
+    """CORE's tasks from data_dir, or from the cache (fetched the first time)."""
+    where = data_dir or core.DEFAULT_DIR
+    if not data_dir and not os.path.exists(os.path.join(where, 'core.yaml')):
+        try:
+            core.download(where)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            fail(f"core: cannot download the eval bundle ({core.BUNDLE_URL}): {e}; give a local copy as data_dir=")
+    try:
+        tasks = core.load_bundle(where)
+    except ValueError as e:
+        fail(f"core: {e}")
+    for task in tasks:  # before the model is loaded
+        if len(task['rows'][:limit or None]) <= task['shots']:
+            fail(f"core: {task['label']}: {len(task['rows'][:limit or None])} rows cannot give each {task['shots']} "
+                 f"few-shot examples of others (raise limit)")
+    return tasks
+
+
+def run_core(tasks):
+    """Every task of the bundle scored as a base model (whatever the mode), then the mean centered accuracy."""
+    if tokenizer.chat_template is not None:
+        fail("core scores a model of this repo's tokenizers (char, gpt2, bpe), not a transformers template's")
+    bos = tokenizer.special_tokens.get('<|bos|>', tokenizer.eot)  # GPT-2's <|endoftext|> begins its texts too
+    encode = lambda text: tokenizer.encode(clean(text))  # noqa: E731
+    print(f"{'task':<34}{'kind':<19}{'shots':>6}{'n':>7}{'acc':>8}{'chance':>8}{'centered':>10}{'time':>8}")
+    for task in tasks:
+        t0 = time.time()
+        try:
+            acc, right = core.evaluate(model, task, encode, bos, tokenizer.n_vocab, limit)
+        except ValueError as e:
+            fail(f"core: {e}")
+        c = core.centered(acc, task['baseline'])
+        core_tasks[task['label']] = dict(acc=acc, centered=c, n=len(right), shots=task['shots'], kind=task['kind'],
+                                         baseline=task['baseline'])
+        print(f"{task['label']:<34}{task['kind']:<19}{task['shots']:>6}{len(right):>7}{acc:>8.4f}{task['baseline']:>8.4f}"
+              f"{c:>10.4f}{time.time() - t0:>7.1f}s")
+    value = float(np.mean([t['centered'] for t in core_tasks.values()]))
+    print(f"{'CORE':<34}{'':<19}{'':>6}{sum(t['n'] for t in core_tasks.values()):>7}{'':>8}{'':>8}{value:>10.4f}")
+    return dict(core=value), None, sum(t['n'] for t in core_tasks.values())
+
+
 # -----------------------------------------------------------------------------
 
 def load():
@@ -363,8 +411,8 @@ def main():
         fail(f"mode must be 'auto', 'base' or 'chat', not {mode!r}")
     if (data_files or fewshot_files) and len(names) > 1:
         fail("data_files and fewshot_files are one task's: name one task")
-    if url and 'bpb' in names:
-        fail("bpb runs in process: drop url")
+    if url and ('bpb' in names or 'core' in names):
+        fail("bpb and core run in process: drop url")
     if url and not tools:
         fail("tools=False works in process only: serve.py always answers a model's calculator calls")
     if not 0 <= min_accuracy <= 1:
@@ -374,6 +422,7 @@ def main():
         if not isinstance(value, int) or value < low:
             fail(f"{setting} must be an integer >= {low}, not {value!r}")
     questions = {name: examples_and_shots(name) for name in names if name in CHOICE or name in GENERATE}  # before the model
+    bundle = core_bundle() if 'core' in names else None
     load()
     results, rows = {}, []
     for name in names:
@@ -381,8 +430,8 @@ def main():
         if name in questions:
             metrics, chance, n = (run_choice if name in CHOICE else run_generate)(name, *questions[name])
         else:
-            metrics, chance, n = run_jsonl() if name == 'jsonl' else run_bpb()
-        results[name] = dict(metrics, n=n)
+            metrics, chance, n = run_jsonl() if name == 'jsonl' else run_core(bundle) if name == 'core' else run_bpb()
+        results[name] = dict(metrics, n=n, **({'tasks': core_tasks} if name == 'core' else {}))
         if chance is not None and name != 'jsonl':  # the benchmarks enter the centered mean
             results[name]['centered'] = (metrics['acc'] - chance) / (1 - chance)
         rows.append((name, n, metrics, chance, time.time() - t0))

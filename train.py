@@ -63,6 +63,8 @@ gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, split acr
 batch_size = 12  # micro-batch size
 block_size = 1024
 seed = 1337
+chat_loss = 'replies'  # a chat dataset's loss: on the assistant's tokens ('replies', SFT) or on every token ('all':
+#   midtraining, which also learns the chat and tool tokens and the questions' text, as nanochat's midtraining does)
 # model
 n_layer = 12
 n_head = 12
@@ -124,6 +126,8 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 
 # settings that cannot work stop here, before any work, with one line (the checks every training script shares)
 check_training_settings(globals())
+if chat_loss not in ('replies', 'all'):
+    fail(f"chat_loss must be 'replies' or 'all', not {chat_loss!r}")
 dtype, ptdtype = resolve_dtype(device, dtype)
 
 # various inits, derived attributes, I/O setup
@@ -212,7 +216,7 @@ def check_ids(window, split):
 def masked_targets(split, ix, y):
     """The targets of windows starting at ix; with masks, -1 (ignored by the loss) where the
     target is not the assistant's."""
-    if masked:
+    if masked and chat_loss == 'replies':
         mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
         y = np.where(mask[ix[:, None] + np.arange(1, y.shape[1] + 1)] == 1, y, -1)
     return torch.from_numpy(np.ascontiguousarray(y))
@@ -376,7 +380,7 @@ def tokens_per_byte():
         print(f"no bits per byte: cannot load the tokenizer ({type(e).__name__}: {e})")
         return None
     targets = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')[1:]
-    if masked:
+    if masked and chat_loss == 'replies':
         targets = targets[np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')[1:] == 1]
     return targets_per_byte(targets, lengths)
 
@@ -454,7 +458,9 @@ def estimate_loss():
 def full_val_loss():
     """Loss over the whole val split, cut into consecutive non-overlapping windows."""
     data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=data_dtype, mode='r')
-    mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r') if masked else None
+    mask = None
+    if masked and chat_loss == 'replies':
+        mask = np.memmap(os.path.join(data_dir, 'val_mask.bin'), dtype=np.uint8, mode='r')
     raw_model.eval()
     try:
         loss, _ = windowed_loss(raw_model, data, block_size, batch_size, device, ctx, mask)

@@ -11,6 +11,7 @@ SOURCES = sorted(p for p in REPO.rglob('*.py') if not p.relative_to(REPO).parts[
                  and '.venv' not in p.parts)
 MODULES = {'.'.join(p.relative_to(REPO).with_suffix('').parts).removesuffix('.__init__'): p for p in SOURCES}
 SCRIPTS = ['train.py', 'dpo.py', 'sample.py', 'serve.py', 'bench.py', 'bench_serve.py', 'export.py', 'chat_eval.py', 'rl.py',
+           'report.py',
            'sample_alibi_extrapolation.py']
 # the layers, top to bottom: a module imports only from its own layer's files that are not scripts, or from below
 LAYERS = [set(m.removesuffix('.py') for m in SCRIPTS),

@@ -1,0 +1,22 @@
+# speedrun.sh's CPU run, SFT: the midtrained model on conversations with the loss on the assistant's
+# replies only (chat_loss='replies', train.py's default for a chat dataset), at a lower learning rate.
+init_from = 'mid'
+out_dir = 'sft'
+dataset = 'sft'
+chat_loss = 'replies'
+device = 'cpu'
+compile = False
+dtype = 'float32'
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+block_size = 128
+batch_size = 32
+gradient_accumulation_steps = 1
+dropout = 0.0
+learning_rate = 1e-3
+max_iters = 500
+lr_decay_iters = 500
+warmup_iters = 20
+min_lr = 1e-4
+weight_decay = 0.0
