@@ -13,7 +13,7 @@ import json
 import torch
 from torch.nn import functional as F
 
-from tokenizer import chat_tokens, conversation_of, render_chat
+from tokenizer import chat_tokens, conversation_of, read_jsonl, render_chat
 
 
 def pair_of(obj):
@@ -36,18 +36,7 @@ def pair_of(obj):
 
 def read_pairs(path):
     """The preference pairs of a JSONL file; ValueError naming the line that is wrong."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}")
-    pairs = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                pairs.append(pair_of(json.loads(line)))
-            except (ValueError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path} line {n}: {e}")
+    pairs = read_jsonl(path, lambda line: pair_of(json.loads(line)))
     if not pairs:
         raise ValueError(f"{path} holds no preference pairs")
     return pairs

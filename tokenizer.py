@@ -538,20 +538,25 @@ def is_parts(content):
         isinstance(p, dict) and p.get('type') in ('text', *PART_TOKENS) and isinstance(p.get('text'), str) for p in content)
 
 
-def read_conversations(path):
-    """The conversations of a JSONL file (OpenAI's messages format, each ending with the
-    assistant's reply); ValueError naming the line that is wrong. data/chat/prepare.py and
-    chat_eval.py both read through here."""
+def read_jsonl(path, parse):
+    """[parse(line) for each non-blank line of a JSONL file]; ValueError naming the line that is wrong."""
     try:
         with open(path, encoding='utf-8') as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}")
-    conversations = []
+    items = []
     for n, line in enumerate(lines, start=1):
         if line.strip():
             try:
-                conversations.append(parse_conversation(line))
-            except ValueError as e:
+                items.append(parse(line))
+            except ValueError as e:  # json.JSONDecodeError is one
                 raise ValueError(f"{path} line {n}: {e}")
-    return conversations
+    return items
+
+
+def read_conversations(path):
+    """The conversations of a JSONL file (OpenAI's messages format, each ending with the
+    assistant's reply); ValueError naming the line that is wrong. data/chat/prepare.py and
+    chat_eval.py both read through here."""
+    return read_jsonl(path, parse_conversation)

@@ -42,7 +42,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly(workdir):
     first = torchrun(workdir, '--fsdp=True', '--out_dir=out-fsdp', '--max_iters=15', '--eval_interval=15')
     assert first.stdout.count('step 15:') == 1  # only rank 0 logs
     out = workdir / 'out-fsdp'
-    assert sorted(p.name for p in out.iterdir()) == ['ckpt-shards-000015', 'ckpt.pt', 'meta.pkl']
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt-shards-000015', 'ckpt.pt', 'config.yaml', 'meta.pkl']
     # ckpt.pt holds the consolidated weights, for sample.py and the rest, through the one loader
     model, ckpt = load_checkpoint(out)
     assert ckpt['iter_num'] == 15 and ckpt['shards'] == 'ckpt-shards-000015' and 'optimizer' not in ckpt
@@ -52,7 +52,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly(workdir):
     fsdp = {**iter_losses(first.stdout), **iter_losses(resumed.stdout)}
     assert sorted(fsdp) == list(range(30))
     assert_close(ddp, fsdp, range(30))
-    assert sorted(p.name for p in out.iterdir()) == ['ckpt-shards-000030', 'ckpt.pt', 'meta.pkl']
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt-shards-000030', 'ckpt.pt', 'config.yaml', 'meta.pkl']
     # the 2-rank checkpoint resumes in one process (no torchrun): the same model at iteration 30
     one = train(workdir, '--out_dir=out-one', '--max_iters=30', '--eval_interval=15', '--init_from=resume')
     assert sorted(iter_losses(one.stdout)) == list(range(15, 30))
