@@ -57,7 +57,7 @@ lora-demo: install
 	python data/chat/prepare.py --task=arith --vocab_size=320
 	OMP_NUM_THREADS=1 python train.py config/train_chat_demo.py --out_dir=out-chat-base --max_iters=400 --lr_decay_iters=400 --eval_interval=400
 	OMP_NUM_THREADS=1 python train.py $(LORA_DEMO) --out_dir=out-chat-full --learning_rate=1e-3 --min_lr=1e-4
-	OMP_NUM_THREADS=1 python train.py $(LORA_DEMO) --out_dir=out-chat-lora --learning_rate=5e-3 --min_lr=5e-4 --lora_rank=8 --lora_alpha=16
+	OMP_NUM_THREADS=1 python train.py $(LORA_DEMO) --out_dir=out-chat-lora --learning_rate=1e-2 --min_lr=1e-3 --lora_rank=32 --lora_alpha=64
 	for m in base full lora; do OMP_NUM_THREADS=1 python chat_eval.py --out_dir=out-chat-$$m --device=cpu --input=data/chat/val.jsonl | grep '^accuracy' | sed "s/^/$$m: /"; done
 
 # test processes: one more than the cores, as many tests wait on a script they started; each test file runs
