@@ -143,12 +143,16 @@ if ddp:
 elif fsdp:
     fail("fsdp=True shards across the processes torchrun starts: torchrun --nproc_per_node=N train.py ...")
 LORA_FSDP = "lora_rank with fsdp=True is not supported: the frozen base needs no sharded optimizer state, use DDP"
-lora_problems = [f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not '{lora_targets}'"] * (
-    lora_targets not in LORA_TARGETS) + [f"lora_alpha must be > 0, not {lora_alpha}"] * (lora_alpha <= 0) + [
-    "lora_rank trains adapters over a base model: set init_from (a model's out_dir, a transformers or PEFT "
-    "directory, a gpt2 name)"] * (init_from == 'scratch') + [LORA_FSDP] * fsdp
-if lora_rank and lora_problems:
-    fail(lora_problems[0])
+if lora_rank:
+    if lora_targets not in LORA_TARGETS:
+        fail(f"lora_targets must be one of {', '.join(LORA_TARGETS)}, not '{lora_targets}'")
+    if lora_alpha <= 0:
+        fail(f"lora_alpha must be > 0, not {lora_alpha}")
+    if init_from == 'scratch':
+        fail("lora_rank trains adapters over a base model: set init_from (a model's out_dir, a transformers or PEFT "
+             "directory, a gpt2 name)")
+    if fsdp:
+        fail(LORA_FSDP)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 

@@ -196,3 +196,28 @@ def test_bad_yaml_and_json_configs_are_one_line(script, tmp_path, name, body, wo
 
 def test_missing_yaml_config(script):
     assert 'nope.yaml' in error(run(script, 'nope.yaml'))
+
+
+def test_random_yaml_and_json_files_are_typed_or_one_line(tmp_path):
+    """Seeded random config files against the settings' types: each value is either taken with the type of
+    its default (an int for a float becomes a float, a list for a tuple a tuple) or refused with a ValueError
+    naming the setting; nothing else escapes."""
+    import json
+    import random
+    from configurator import data_file_settings
+    settings = dict(batch_size=12, learning_rate=6e-4, compile=True, device='cuda', init_from=None, betas=(0.9, 0.95))
+    values = [0, -3, 2 ** 70, 1.5, -0.0, 1e-5, True, False, None, 'cpu', '', '6e-4', 'yes', [1, 2], [0.8, 'x'], {'a': 1}, []]
+    rng = random.Random(7)
+    for i in range(300):
+        body = {rng.choice(list(settings)): rng.choice(values) for _ in range(rng.randint(1, 4))}
+        path = tmp_path / f'c{i}.{rng.choice(["json", "yaml"])}'
+        path.write_text(json.dumps(body))  # JSON is YAML too
+        try:
+            got = data_file_settings(str(path), settings)
+        except ValueError as e:
+            assert '\n' not in str(e) and any(f"'{k}'" in str(e) for k in body), e
+            continue
+        assert set(got) == set(body)
+        for k, v in got.items():
+            default = settings[k]
+            assert default is None or type(v) is type(default), (k, v)
