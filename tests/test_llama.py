@@ -429,3 +429,30 @@ def test_hostile_llama_directories(llamas, tmp_path):
         with pytest.raises(ValueError, match=says) as e:
             render_chat(load_tokenizer(str(path)), messages)
         assert '\n' not in str(e.value) and len(str(e.value)) < 400 and time.time() - start < 10, (template, e.value)
+
+
+def test_random_templates_render_or_refuse_in_one_line():
+    """Seeded random chat templates pieced from what a downloaded one may hold (loops over range() and the
+    messages, string and power arithmetic, raise_exception, macros that recurse, broken syntax): each renders
+    to text or is one ValueError line, each within a few seconds, and nothing else escapes."""
+    import time
+    from tokenizer import ChatTemplate
+    pieces = ["{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+              "{% for i in range(N) %}{% for j in range(N) %}{% endfor %}{% endfor %}", "{{ 'ab' * N }}",
+              "{{ 2 ** N }}", "{{ raise_exception('no') }}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+              "{{ messages[N] }}", "{{ N / 0 }}", "{% if add_generation_prompt %}A:{% endif %}", "{{ messages|tojson }}",
+              "{% for m in messages %", "{{ x.y.z }}", "{{ ''.__class__ }}", "{{ range(N)|list|length }}"]
+
+    class Library:
+        def encode(self, text, add_special_tokens=False):
+            return type('Encoding', (), {'ids': list(text.encode())})
+    rng = random.Random(3)
+    for _ in range(120):
+        source = ''.join(rng.choice(pieces).replace('N', str(rng.choice([0, 3, 70, 5000, 10 ** 6, 10 ** 9])))
+                         for _ in range(rng.randint(1, 4)))
+        start = time.time()
+        try:
+            ChatTemplate(source, {}, Library()).prompt([('user', 'hi'), ('assistant', 'yo'), ('user', 'ok')])
+        except ValueError as e:
+            assert '\n' not in str(e) and len(str(e)) < 400, (source, e)
+        assert time.time() - start < 10, source
